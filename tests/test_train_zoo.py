@@ -169,3 +169,18 @@ def test_checkpoint_with_pickled_code_is_refused(mnist5k_fast, tmp_path, capsys)
 def test_standard_spec_follows_the_profile():
     assert zoo.standard_spec("fast").epochs < zoo.standard_spec("full").epochs
     assert zoo.standard_spec("fast").name == "standard"
+
+
+def test_auroc_matches_pair_counting_with_ties():
+    from utils.evaluate import auroc
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 6, (40,), generator=g).float() + 0.5
+    neg = torch.randint(0, 5, (30,), generator=g).float()
+    neg[:5] = pos[:5]  # ties
+    brute = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
+    assert auroc(pos, neg) == pytest.approx(brute.item(), abs=1e-12)
+    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auroc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        auroc(torch.tensor([]), torch.tensor([1.0]))

@@ -119,3 +119,30 @@ def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: in
     check_labels(y_pred, num_classes=num_classes, n=len(y_true), name="y_pred")
     idx = y_true.long().cpu() * num_classes + y_pred.long().cpu()
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Area under the ROC curve for telling ``positive`` scores from ``negative`` ones (higher = more positive).
+
+    Equals the probability that a random positive scores above a random negative, ties counting one half
+    (the Mann-Whitney U statistic over ``len(positive)·len(negative)``). Used for energy as a detector
+    (chapters 1 and 8).
+    """
+    pos = torch.as_tensor(positive, dtype=torch.float64).flatten().cpu()
+    neg = torch.as_tensor(negative, dtype=torch.float64).flatten().cpu()
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("auroc needs at least one positive and one negative score")
+    if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
+        raise ValueError("auroc needs finite scores")
+    scores = torch.cat([pos, neg])
+    order = torch.argsort(scores, stable=True)
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average ranks over ties
+    uniq, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    mean_rank = ends - (counts.double() - 1) / 2
+    ranks[order] = mean_rank[inverse]
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
