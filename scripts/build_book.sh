@@ -35,10 +35,16 @@ JB="$VENV/bin/jupyter-book"
 
 # --- 2. Browser assets ----------------------------------------------------------------------
 # node_modules/ is reinstalled with `npm ci` only when package-lock.json changed since the last
-# install (its hash is kept in node_modules/.advbook-lock).
+# install (its hash is kept in node_modules/.advbook-lock) or a file the pages need is missing.
 LOCK_HASH="$(sha256sum package-lock.json | cut -c1-16)"
 STAMP=node_modules/.advbook-lock
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$LOCK_HASH" ]; then
+NEEDED=(node_modules/mathjax/es5/tex-mml-chtml.js node_modules/requirejs/require.js
+        node_modules/@jupyter-widgets/html-manager/dist/embed-amd.js)
+assets_ok() {
+  [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$LOCK_HASH" ] || return 1
+  for f in "${NEEDED[@]}"; do [ -f "$f" ] || return 1; done
+}
+if assets_ok; then
   say "browser assets up to date (node_modules/)"
 else
   command -v npm >/dev/null 2>&1 \
@@ -49,8 +55,8 @@ else
 fi
 
 # Stage only what the pages load.  Sphinx's html_extra_path (see _config.yml) copies _assets/
-# into the site, so _assets/_static/vendor/ ends up as _build/html/_static/vendor/.
-VENDOR=_assets/_static/vendor
+# into the site, so _assets/_static/offline/ ends up as _build/html/_static/offline/.
+VENDOR=_assets/_static/offline
 rm -rf _assets
 mkdir -p "$VENDOR/mathjax/es5/output" "$VENDOR/requirejs" "$VENDOR/html-manager/dist"
 
@@ -71,9 +77,11 @@ cp node_modules/requirejs/require.js "$VENDOR/requirejs/"
 HM=node_modules/@jupyter-widgets/html-manager
 cp "$HM/dist/embed-amd.js" "$VENDOR/html-manager/dist/"
 for f in "$HM"/dist/*.{woff2,woff,ttf,eot,svg} "$HM"/dist/*.LICENSE.txt; do
-  [ -e "$f" ] && cp "$f" "$VENDOR/html-manager/dist/"
+  if [ -e "$f" ]; then cp "$f" "$VENDOR/html-manager/dist/"; fi
 done
-[ -f "$HM/LICENSE" ] && cp "$HM/LICENSE" "$VENDOR/html-manager/"
+if [ -f "$HM/LICENSE" ]; then cp "$HM/LICENSE" "$VENDOR/html-manager/"; fi
+# The book's own glue between RequireJS, the widget manager and MathJax 3.
+cp book/assets/jupyter-widgets-setup.js "$VENDOR/"
 say "staged $(du -sh _assets | cut -f1) of browser assets in _assets/"
 
 # --- 3. Build -------------------------------------------------------------------------------
