@@ -28,10 +28,11 @@ def logit_explorer(logits: Sequence[float] = (2.0, 1.0, 0.1), T: float = 1.0, *,
     (:func:`utils.energy.summarize_logits` drawn by :func:`utils.plot.plot_logit_summary`)."""
     import ipywidgets as W
 
+    wide = W.Layout(width="300px")
     sliders = [W.FloatSlider(value=float(v), min=lo, max=hi, step=0.1, description=f"f_{i}",
-                             continuous_update=False) for i, v in enumerate(logits)]
+                             continuous_update=False, layout=wide) for i, v in enumerate(logits)]
     temp = W.FloatLogSlider(value=float(T), base=10, min=-1, max=1, step=0.05, description="T",
-                            continuous_update=False)
+                            continuous_update=False, layout=wide)
     shift = W.Button(description="add 1 to every logit")
     out = W.Output()
 
@@ -49,7 +50,8 @@ def logit_explorer(logits: Sequence[float] = (2.0, 1.0, 0.1), T: float = 1.0, *,
         s.observe(redraw, names="value")
     shift.on_click(add_one)
     redraw()
-    return W.HBox([W.VBox(sliders + [temp, shift]), out])
+    controls = W.VBox(sliders + [temp, shift], layout=W.Layout(min_width="310px"))
+    return W.HBox([controls, out], layout=W.Layout(flex_flow="row wrap"))
 
 
 def perturbation_explorer(
