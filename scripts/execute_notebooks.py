@@ -1,0 +1,178 @@
+"""Execute the book's notebooks top to bottom and write their outputs back in place.
+
+Usage (normally through the wrapper, which prepares the environment first)::
+
+    bash scripts/execute_notebooks.sh [--profile full|fast] [NOTEBOOK ...]
+    python scripts/execute_notebooks.py [--profile full|fast] [--timeout SECONDS] [NOTEBOOK ...]
+
+Without NOTEBOOK arguments every ``notebooks/*.ipynb`` is executed, in name order (chapter order).
+Each notebook runs in a fresh ``python3`` kernel whose working directory is the notebook's own
+folder, with ``ADVBOOK_PROFILE`` set to the chosen profile (default ``full``: the profile of the
+committed outputs). Widget state is stored in the notebook, so the explorers render in the HTML
+book.
+
+A notebook is written back only when every cell ran without an error; otherwise the file is left
+exactly as it was, the failing cell is reported, and the script exits with status 1 after trying
+the remaining notebooks. Before writing, volatile metadata is removed (per-cell execution
+timestamps and similar) and execution counts are renumbered 1..n in cell order, so that
+re-executing an unchanged notebook changes as little as possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+PROFILES = ("full", "fast")
+
+#: Cell metadata keys that change on every run and carry nothing a reader needs.
+VOLATILE_CELL_METADATA = ("execution", "collapsed", "scrolled", "ExecuteTime", "papermill")
+#: Terminal colour codes in tracebacks (stripped from what the script prints).
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+#: Notebook metadata keys of the same kind.
+VOLATILE_NOTEBOOK_METADATA = ("papermill", "toc-autonumbering", "varInspector")
+
+
+def clean(nb: nbformat.NotebookNode) -> None:
+    """Drop volatile metadata and renumber execution counts 1..n over the code cells that ran."""
+    for key in VOLATILE_NOTEBOOK_METADATA:
+        nb.metadata.pop(key, None)
+    count = 0
+    for cell in nb.cells:
+        for key in VOLATILE_CELL_METADATA:
+            cell.metadata.pop(key, None)
+        if cell.cell_type != "code":
+            continue
+        if cell.get("execution_count") is None:  # an empty cell: the kernel never ran it
+            cell.outputs = [o for o in cell.outputs if o.get("output_type") != "execute_result"]
+            continue
+        count += 1
+        cell.execution_count = count
+        for output in cell.outputs:
+            if output.get("output_type") == "execute_result":
+                output.execution_count = count
+
+
+def write_atomically(nb: nbformat.NotebookNode, path: Path) -> None:
+    """Validate and write ``nb`` to ``path`` through a temporary file in the same folder."""
+    nbformat.validate(nb)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            nbformat.write(nb, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def failing_cell(nb: nbformat.NotebookNode) -> str:
+    """A short description of the first cell whose outputs hold an error (after a failed run)."""
+    code_index = 0
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        code_index += 1
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                first_line = next((line for line in cell.source.splitlines() if line.strip()), "")
+                return (f"cell {index} (code cell {code_index}) raised {output.get('ename')}: "
+                        f"{output.get('evalue')}\n    first line of the cell: {first_line}")
+    return "no cell holds an error output"
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def execute(path: Path, timeout: int, kernel: str) -> tuple[bool, float]:
+    """Execute one notebook; write it back if every cell succeeded. Returns (ok, seconds)."""
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name=kernel,
+        resources={"metadata": {"path": str(path.parent)}},
+        allow_errors=False,
+        store_widget_state=True,
+        record_timing=False,
+    )
+    start = time.perf_counter()
+    try:
+        client.execute()
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as exc:
+        seconds = time.perf_counter() - start
+        print(f"FAILED {shown(path)} after {seconds:.1f} s ({type(exc).__name__}); "
+              "the file was not changed", flush=True)
+        print("    " + failing_cell(nb), flush=True)
+        detail = ANSI_ESCAPE.sub("", str(exc)).strip().splitlines()
+        if detail:
+            print("    " + "\n    ".join(detail[-15:]), flush=True)
+        return False, seconds
+    seconds = time.perf_counter() - start
+    clean(nb)
+    write_atomically(nb, path)
+    print(f"ok     {shown(path)} in {seconds:.1f} s", flush=True)
+    return True, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebooks", nargs="*", type=Path,
+                        help="notebooks to execute (default: every notebooks/*.ipynb, in name order)")
+    parser.add_argument("--profile", choices=PROFILES, default="full",
+                        help="the ADVBOOK_PROFILE the notebooks run under (default: full)")
+    parser.add_argument("--timeout", type=int, default=3600,
+                        help="seconds one cell may run before it counts as failed (default: 3600)")
+    parser.add_argument("--kernel", default="python3", help="the Jupyter kernel to use (default: python3)")
+    args = parser.parse_args(argv)
+
+    paths = [p.resolve() for p in args.notebooks] or sorted(NOTEBOOKS.glob("*.ipynb"))
+    missing = [str(p) for p in paths if not p.is_file() or p.suffix != ".ipynb"]
+    if missing:
+        print("error: not a notebook file: " + ", ".join(missing), file=sys.stderr)
+        return 2
+    if not paths:
+        print(f"error: no notebooks found in {NOTEBOOKS}", file=sys.stderr)
+        return 2
+
+    os.environ["ADVBOOK_PROFILE"] = args.profile  # inherited by every kernel started below
+    print(f"executing {len(paths)} notebook(s) in the {args.profile!r} profile "
+          f"(cache: {os.environ.get('ADVBOOK_CACHE') or '~/.cache/advbook'})", flush=True)
+    results = []
+    for path in paths:
+        ok, seconds = execute(path, args.timeout, args.kernel)
+        results.append((path, ok, seconds))
+
+    print("\nsummary (wall time per notebook):")
+    for path, ok, seconds in results:
+        print(f"  {'ok    ' if ok else 'FAILED'} {seconds:8.1f} s  {shown(path)}")
+    print(f"  total  {sum(s for _, _, s in results):8.1f} s")
+    failed = [p for p, ok, _ in results if not ok]
+    if failed:
+        print(f"{len(failed)} notebook(s) failed and were left unchanged", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
