@@ -79,3 +79,31 @@ def test_perturbation_explorer_calls_the_chosen_method():
     assert calls[0] == ("noise", 1, 0.2) and calls[-1] == ("noise", 1, 0.3)
     with pytest.raises(ValueError, match="at least one"):
         widgets.perturbation_explorer(model, x, y, {})
+
+
+def test_attack_explorer_passes_sliders_and_targets_to_the_attack():
+    model = build_model("mlp", hidden=8).eval()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    calls = []
+
+    def attack(m, xb, yb, eps=0.0, steps=1, targeted=False):
+        calls.append((int(yb[0]), eps, steps, targeted))
+        return (xb + eps).clamp(0, 1)
+
+    box = widgets.attack_explorer(model, x, y, attack, sliders={"eps": (0.0, 0.5, 0.01, 0.1), "steps": (1, 50, 1, 5)})
+    assert calls[-1] == (0, 0.1, 5, False)
+    index, eps, steps = box.children[0].children
+    (goal,) = box.children[1].children
+    assert isinstance(steps.value, int)
+    eps.value = 0.2
+    index.value = 3
+    assert calls[-1] == (3, 0.2, 5, False)
+    goal.value = 7
+    assert calls[-1] == (7, 0.2, 5, True)
+    case = widgets.run_attack_case(model, x, y, attack, 1, eps=0.3)
+    assert case.label == 1 and case.target is None and 0.29 < case.linf <= 0.3 + 1e-6
+    assert case.success == (case.pred_adv != 1)
+    targeted_case = widgets.run_attack_case(model, x, y, attack, 1, target=4, eps=0.0)
+    assert targeted_case.target == 4 and targeted_case.success == (targeted_case.pred_adv == 4)
+    with pytest.raises(ValueError, match="index"):
+        widgets.run_attack_case(model, x, y, attack, 9)

@@ -32,7 +32,9 @@ class Profile:
 
     ``train_size``/``test_size`` cap the number of examples used (``None`` means all the
     data source has); ``epochs`` is the standard model's training budget; ``attack_size`` is
-    how many test examples an attack experiment uses.
+    how many test examples an attack experiment uses; ``pgd_steps`` and ``restarts`` are the
+    budget of the strongest PGD a chapter runs; ``cw_steps`` and ``cw_search_steps`` are Carlini &
+    Wagner's iterations per round and rounds of binary search over ``c``.
     """
 
     name: str
@@ -42,6 +44,10 @@ class Profile:
     batch_size: int
     attack_size: int
     explorer_examples: int
+    pgd_steps: int
+    restarts: int
+    cw_steps: int
+    cw_search_steps: int
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,9 +55,11 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "fast": Profile(name="fast", train_size=1000, test_size=500, epochs=2, batch_size=64,
-                    attack_size=100, explorer_examples=8),
+                    attack_size=100, explorer_examples=8, pgd_steps=10, restarts=2,
+                    cw_steps=30, cw_search_steps=4),
     "full": Profile(name="full", train_size=None, test_size=None, epochs=6, batch_size=128,
-                    attack_size=1000, explorer_examples=32),
+                    attack_size=1000, explorer_examples=32, pgd_steps=40, restarts=5,
+                    cw_steps=100, cw_search_steps=9),
 }
 
 

@@ -88,3 +88,96 @@ def perturbation_explorer(
         w.observe(redraw, names="value")
     redraw()
     return W.VBox([W.HBox([index, method, size]), out])
+
+
+class AttackCase:
+    """One example attacked with one setting: what :func:`attack_explorer` draws."""
+
+    def __init__(self, x, x_adv, label, target, pred_clean, pred_adv, prob_adv):
+        self.x, self.x_adv = x, x_adv
+        self.label, self.target = label, target
+        self.pred_clean, self.pred_adv, self.prob_adv = pred_clean, pred_adv, prob_adv
+        delta = (x_adv - x).flatten()
+        self.linf = float(delta.abs().max()) if delta.numel() else 0.0
+        self.l2 = float(delta.norm())
+
+    @property
+    def success(self) -> bool:
+        """Untargeted: the prediction changed away from the label; targeted: it is the target."""
+        if self.target is None:
+            return self.pred_adv != self.label
+        return self.pred_adv == self.target
+
+    def __repr__(self) -> str:
+        goal = "untargeted" if self.target is None else f"target {self.target}"
+        return (f"AttackCase(label={self.label}, {goal}: {self.pred_clean} -> {self.pred_adv} "
+                f"(p={self.prob_adv:.2f}), ‖δ‖∞={self.linf:.3f}, ‖δ‖₂={self.l2:.3f}, success={self.success})")
+
+
+def run_attack_case(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Callable, index: int,
+                    target: int | None = None, **params) -> AttackCase:
+    """Attack example ``index`` of ``(x, y)`` with ``attack(model, x, y, **params)``; targeted at
+    ``target`` (passing the target as the label and ``targeted=True``) when it is not None."""
+    if not 0 <= index < len(x):
+        raise ValueError(f"index must lie in 0..{len(x) - 1}, got {index}")
+    xi, yi = x[index:index + 1], y[index:index + 1]
+    if target is None:
+        x_adv = attack(model, xi, yi, **params)
+    else:
+        x_adv = attack(model, xi, torch.tensor([int(target)], device=yi.device), targeted=True, **params)
+    from .evaluate import predict_logits
+
+    probs = torch.softmax(predict_logits(model, torch.cat([xi, x_adv])), dim=1)
+    pred = probs.argmax(dim=1)
+    return AttackCase(xi.cpu(), x_adv.detach().cpu(), int(yi), None if target is None else int(target),
+                      int(pred[0]), int(pred[1]), float(probs[1, pred[1]]))
+
+
+def attack_explorer(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Callable,
+    *,
+    sliders: Mapping[str, tuple] | None = None,
+    targeted: bool = True,
+    num_classes: int = 10,
+):
+    """An explorer for any attack with the book's contract.
+
+    ``sliders`` maps a keyword of ``attack`` to ``(min, max, step, default)``: integer steps make an
+    integer slider (``"steps": (1, 100, 1, 10)``), float steps a float slider (``"eps": (0, 0.5,
+    0.01, 0.1)``). With ``targeted=True`` a drop-down offers "untargeted" or a target class. Each
+    change re-runs :func:`run_attack_case` and redraws clean input, perturbation and result.
+    """
+    import ipywidgets as W
+
+    sliders = dict(sliders or {})
+    index = W.IntSlider(value=0, min=0, max=len(x) - 1, description="example", continuous_update=False)
+    controls = {}
+    for name, spec in sliders.items():
+        lo, hi, step, default = spec
+        cls = W.IntSlider if all(isinstance(v, int) for v in spec) else W.FloatSlider
+        controls[name] = cls(value=default, min=lo, max=hi, step=step, description=name, continuous_update=False)
+    goal = W.Dropdown(options=[("untargeted", None)] + [(f"target {k}", k) for k in range(num_classes)],
+                      description="goal")
+    status = W.HTML()
+    out = W.Output()
+
+    def redraw(*_):
+        case = run_attack_case(model, x, y, attack, index.value, goal.value if targeted else None,
+                               **{k: w.value for k, w in controls.items()})
+        status.value = (f"label {case.label} · prediction {case.pred_clean} → <b>{case.pred_adv}</b> "
+                        f"(p = {case.prob_adv:.2f}) · ‖δ‖∞ = {case.linf:.3f} · ‖δ‖₂ = {case.l2:.3f} · "
+                        f"{'success' if case.success else 'no success'}")
+        fig, _ = show_perturbations(case.x, case.x_adv, [case.pred_clean], [case.pred_adv],
+                                    labels=[case.label], size=2.2)
+        out.clear_output(wait=True)
+        with out:
+            _show(fig)
+
+    widgets_ = [index, *controls.values()] + ([goal] if targeted else [])
+    for w in widgets_:
+        w.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox(widgets_[:3]), W.HBox(widgets_[3:]), status, out])
