@@ -56,24 +56,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", choices=sorted(config.PROFILES), default=None,
                    help="training profile of the model (default: ADVBOOK_PROFILE or full)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall-clock time (default), or this process's CPU time: steadier on a CPU "
+                        "shared with other work (use it with --threads 1; meaningless on a GPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         p.error("--batch and --repeats must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but CUDA is not available")
+    if args.clock == "cpu" and (args.device == "cuda" or (args.device is None and torch.cuda.is_available())):
+        p.error("--clock cpu measures CPU work only; on a GPU use the wall clock")
     return args
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], object]], float]:
+    """A function that runs ``fn`` once and returns its duration in seconds."""
+    now = time.perf_counter if clock == "wall" else time.process_time
+
     def run(fn: Callable[[], object]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = now()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return now() - start
     return run
 
 
@@ -99,12 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
     model = trained.model.eval()
     n = min(args.batch, len(mnist.y_test))
     x, y = mnist.x_test[:n].to(device), mnist.y_test[:n].to(device)
-    time_it = timer(device)
+    time_it = timer(device, args.clock)
 
     print(f"model: {trained!r}")
     print(f"data: {mnist.description}; batch of {n} test digits; device {device}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
-          f"torchattacks {torchattacks.__version__}; best of {args.repeats} after a warm-up")
+          f"torchattacks {torchattacks.__version__}; {args.clock} clock, best of {args.repeats} after a warm-up")
     print(f"clean accuracy on the batch: {100 * accuracy(model, x, y):.1f}%\n")
 
     def pgd_pair(steps: int):
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": str(device), "torch": torch.__version__, "torchattacks": torchattacks.__version__,
         "threads": torch.get_num_threads(), "platform": platform.platform(),
-        "batch": n, "repeats": args.repeats, "profile": profile.name, "data": mnist.description,
+        "batch": n, "repeats": args.repeats, "clock": args.clock, "profile": profile.name, "data": mnist.description,
         "model": repr(trained), "eps": EPS, "cw": CW,
         "floor_s": floor, "rows": rows,
     }

@@ -27,6 +27,16 @@ from utils.train import CrossEntropy, fit
 # Fixtures
 # --------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread for this module: the model is tiny, and on a CPU shared with other work
+    two OpenMP threads waiting for each other can make the attacks ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data():
     return load_mnist("fast", source="mnist5k", verbose=False)
@@ -45,6 +55,13 @@ def model(data):
 @pytest.fixture(scope="module")
 def batch(data):
     return data.x_test[:64].clone(), data.y_test[:64].clone()
+
+
+@pytest.fixture(scope="module")
+def cw_default(model, batch):
+    """CW with every default (nine binary-search steps) on the batch, shared by two tests."""
+    x, y = batch
+    return A.cw_l2(model, x, y)
 
 
 @pytest.fixture(scope="module")
@@ -432,10 +449,10 @@ def test_targeted_attacks_reach_the_target(model, batch, targets):
 # Carlini & Wagner
 # --------------------------------------------------------------------------------------------
 
-def test_cw_succeeds_on_every_correctly_classified_example(model, batch):
+def test_cw_succeeds_on_every_correctly_classified_example(model, batch, cw_default):
     x, y = batch
     correct = predict(model, x) == y
-    x_adv = A.cw_l2(model, x, y)
+    x_adv = cw_default
     fooled = predict(model, x_adv) != y
     assert fooled[correct].all()
     # where the model was already wrong, nothing needs to move
@@ -443,13 +460,13 @@ def test_cw_succeeds_on_every_correctly_classified_example(model, batch):
     assert x_adv.min() >= 0 and x_adv.max() <= 1
 
 
-def test_cw_binary_search_helps(model, batch):
+def test_cw_binary_search_helps(model, batch, cw_default):
     """Round 1 of the binary search is the single-c run, so per example the search can only do
     better: never lose a success, never return a larger perturbation."""
     x, y = batch
     correct = predict(model, x) == y
     one = A.cw_l2(model, x, y, binary_search_steps=1)
-    nine = A.cw_l2(model, x, y, binary_search_steps=9)
+    nine = cw_default  # binary_search_steps=9
     ok1 = (predict(model, one) != y) & correct
     ok9 = (predict(model, nine) != y) & correct
     assert (ok9 >= ok1).all() and ok9.sum() > ok1.sum()

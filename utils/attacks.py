@@ -431,6 +431,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
     example whose success does not change (with ``loss="margin"`` success *is* a positive margin,
     so the kept margin never goes down). Restart ``r`` draws its start from ``generator`` after
     restarts ``0..r-1``: the same seed gives the same first restart whatever ``restarts`` is.
+    Cost: ``restarts · steps`` forward and backward passes, plus one forward pass per restart
+    (to compare them) when ``restarts > 1``.
 
     Shapes: ``x`` ``[N, C, H, W]`` in [0, 1], ``y`` ``[N]``; returns ``[N, C, H, W]`` in [0, 1],
     inside the ball (to float rounding). :func:`pgd_trace` runs the same loop and also returns
