@@ -184,3 +184,9 @@ def test_auroc_matches_pair_counting_with_ties():
     assert auroc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
     with pytest.raises(ValueError, match="at least one"):
         auroc(torch.tensor([]), torch.tensor([1.0]))
+
+
+def test_fit_leaves_no_parameter_gradients(mnist5k_fast):
+    model = build_model("mlp", hidden=8)
+    fit(model, mnist5k_fast.x_train[:64], mnist5k_fast.y_train[:64], CrossEntropy(), epochs=1, progress=False)
+    assert all(p.grad is None for p in model.parameters())

@@ -241,6 +241,9 @@ def fit(
         raise
     finally:
         bar.close()
+        # Leave no gradients behind: a freshly trained model and one loaded from the cache must be
+        # indistinguishable (attacks check that they write no parameter gradient).
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
     return history
 
