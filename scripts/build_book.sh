@@ -86,7 +86,9 @@ say "staged $(du -sh _assets | cut -f1) of browser assets in _assets/"
 
 # --- 3. Build -------------------------------------------------------------------------------
 say "building the book (warnings are errors)"
-"$JB" build "$ROOT" --builder html -W -n --keep-going
+# --all: rebuild every page, so that the navigation of unchanged pages follows a changed _toc.yml
+# (an incremental Sphinx build keeps their old previous/next links).
+"$JB" build "$ROOT" --builder html --all -W -n --keep-going
 
 OUT="$ROOT/_build/html"
 [ -f "$OUT/index.html" ] || die "the build finished without producing $OUT/index.html"
