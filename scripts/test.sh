@@ -25,6 +25,9 @@ bash scripts/build_book.sh
 
 # The notebooks train their models afresh in a cache of the test run's own (data stays cached).
 export ADVBOOK_PROFILE=fast
+# One thread per process: on a machine shared with other jobs, two PyTorch threads stall each other
+# (small attack batches ran up to 10 times slower); the suite runs its steps one after another anyway.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export ADVBOOK_CACHE="${ADVBOOK_TEST_CACHE:-$ROOT/.cache/test}"
 rm -rf "$ADVBOOK_CACHE/models"
 
