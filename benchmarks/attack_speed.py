@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import sys
 import time
@@ -113,7 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"data: {mnist.description}; batch of {n} test digits; device {device}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
           f"torchattacks {torchattacks.__version__}; {args.clock} clock, best of {args.repeats} after a warm-up")
-    print(f"clean accuracy on the batch: {100 * accuracy(model, x, y):.1f}%\n")
+    print(f"clean accuracy on the batch: {100 * accuracy(model, x, y):.1f}%")
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load_before is not None:
+        print(f"load average {load_before:.2f} on {os.cpu_count()} cores")
+    print()
 
     def pgd_pair(steps: int):
         alpha = 2.5 * EPS / steps
@@ -187,6 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{1e3 * r['floor_s']:.1f} ms = {r['overhead_vs_floor']:.3f}")
     slow = [r["attack"] for r in rows if r["ratio"] < 1.0]
     heavy = [r["attack"] for r in rows if r["steps"] and r["steps"] > 1 and r["overhead_vs_floor"] > 1.10]
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    # the load average counts this run's own threads too; more than that means competition
+    if device.type == "cpu" and load_after is not None and max(load_before, load_after) > torch.get_num_threads() + 0.5:
+        print(f"note: other work was competing for the CPU (load average {load_before:.2f} before, "
+              f"{load_after:.2f} after, {os.cpu_count()} cores): expect noisy ratios; "
+              "--threads 1 --clock cpu and more --repeats are steadier")
     print()
     print("targets: every ratio >= 1.00 ->", "met" if not slow else f"NOT met for {', '.join(slow)}")
     print("         PGD overhead <= 1.10 ->", "met" if not heavy else f"NOT met for {', '.join(heavy)}")
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(), "platform": platform.platform(),
         "batch": n, "repeats": args.repeats, "clock": args.clock, "profile": profile.name, "data": mnist.description,
         "model": repr(trained), "eps": EPS, "cw": CW,
-        "floor_s": floor, "rows": rows,
+        "floor_s": floor, "rows": rows, "load_average": [load_before, load_after],
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
