@@ -34,7 +34,9 @@ class Profile:
     data source has); ``epochs`` is the standard model's training budget; ``attack_size`` is
     how many test examples an attack experiment uses; ``pgd_steps`` and ``restarts`` are the
     budget of the strongest PGD a chapter runs; ``cw_steps`` and ``cw_search_steps`` are Carlini &
-    Wagner's iterations per round and rounds of binary search over ``c``.
+    Wagner's iterations per round and rounds of binary search over ``c``. ``defence_epochs`` is
+    the training budget of every adversarially trained model (chapters 6-9) and
+    ``train_pgd_steps`` the number of PGD steps of the attack inside their training loop.
     """
 
     name: str
@@ -48,6 +50,8 @@ class Profile:
     restarts: int
     cw_steps: int
     cw_search_steps: int
+    defence_epochs: int = 2
+    train_pgd_steps: int = 3
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,10 +60,10 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "fast": Profile(name="fast", train_size=1000, test_size=500, epochs=2, batch_size=64,
                     attack_size=100, explorer_examples=8, pgd_steps=10, restarts=2,
-                    cw_steps=30, cw_search_steps=4),
+                    cw_steps=30, cw_search_steps=4, defence_epochs=2, train_pgd_steps=3),
     "full": Profile(name="full", train_size=None, test_size=None, epochs=6, batch_size=128,
                     attack_size=1000, explorer_examples=32, pgd_steps=40, restarts=5,
-                    cw_steps=100, cw_search_steps=9),
+                    cw_steps=100, cw_search_steps=9, defence_epochs=20, train_pgd_steps=10),
 }
 
 

@@ -783,3 +783,72 @@ class EnergyPairing(_InnerPGD):
     def spec(self) -> dict:
         return {"objective": "energy_pairing", "lam": self.lam, "gamma": self.gamma, "weighted": self.weighted,
                 "energy_temperature": 1.0, **self._attack_spec()}
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 9: defensive distillation, the book's example of gradient masking
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TemperatureCrossEntropy:
+    """Cross-entropy of the softmax at temperature ``T``: ``CE(f(x) / T, y)``.
+
+    Trained this way and then used at temperature 1 (the logits as they are), a model's logits
+    come out about ``T`` times larger than a normally trained model's, so its softmax saturates:
+    the first step of defensive distillation (the teacher). Terms: ``ce_T``.
+    Papernot, McDaniel, Wu, Jha & Swami, "Distillation as a defense to adversarial perturbations
+    against deep neural networks", IEEE S&P 2016. Introduced in chapter 9.
+    """
+
+    temperature: float = 100.0
+
+    def __post_init__(self):
+        _set(self, "temperature", _number("temperature", self.temperature, open_low=True))
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, progress: float = 1.0) -> StepOutput:
+        logits = model(x)
+        loss = F.cross_entropy(logits / self.temperature, y)
+        return StepOutput(loss, logits, {"ce_T": loss.item()})
+
+    def spec(self) -> dict:
+        return {"objective": "temperature_cross_entropy", "temperature": self.temperature}
+
+
+@dataclass(frozen=True, eq=False)
+class Distillation:
+    """Defensive distillation: fit the teacher's soft labels at temperature ``T``.
+
+    ``L = −mean_i Σ_k softmax(t(x_i)/T)_k · log softmax(f(x_i)/T)_k`` with ``t`` the ``teacher``
+    (evaluation mode, no gradient). The student is then used at temperature 1, where its
+    logits are about ``T`` times too large: the softmax saturates and the gradient of the
+    cross-entropy vanishes in float32, which is gradient masking, not robustness (chapter 9).
+    ``teacher_key`` names the teacher in the spec (its cache key), so that a different teacher
+    makes a different student. Terms: ``soft_ce``.
+    """
+
+    teacher: nn.Module
+    teacher_key: str
+    temperature: float = 100.0
+
+    def __post_init__(self):
+        if not isinstance(self.teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(self.teacher).__name__}")
+        if not isinstance(self.teacher_key, str) or not self.teacher_key:
+            raise ValueError("teacher_key must be a non-empty string (the teacher's cache key)")
+        _set(self, "temperature", _number("temperature", self.temperature, open_low=True))
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, progress: float = 1.0) -> StepOutput:
+        was_training = self.teacher.training
+        self.teacher.eval()
+        with torch.no_grad():
+            soft = F.softmax(self.teacher(x) / self.temperature, dim=1)
+        self.teacher.train(was_training)
+        logits = model(x)
+        loss = -(soft * F.log_softmax(logits / self.temperature, dim=1)).sum(1).mean()
+        return StepOutput(loss, logits, {"soft_ce": loss.item()})
+
+    def spec(self) -> dict:
+        return {"objective": "distillation", "temperature": self.temperature, "teacher": self.teacher_key}
+
+    def __repr__(self) -> str:
+        return f"Distillation(teacher_key={self.teacher_key!r}, temperature={self.temperature:g})"

@@ -28,7 +28,9 @@ from torch import nn
 from . import config
 from .data import MNISTData
 from .models import build_model
-from .train import CrossEntropy, History, Objective, fit
+from .train import (CatastrophicOverfitting, CatastrophicOverfittingCheck, CrossEntropy, Distillation,
+                    EnergyPairing, FastFGSM, History, LogitPairing, Objective, PGDAdversarial,
+                    TemperatureCrossEntropy, fit)
 
 FORMAT_VERSION = 1
 
@@ -38,11 +40,46 @@ class CacheWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class EarlyStop:
+    """Watch for catastrophic overfitting while a model trains, and stop early (Wong et al. 2020).
+
+    After every epoch, the PGD accuracy (L∞ ``eps``, ``steps`` steps, one seeded random start) is
+    measured on the first ``n`` *training* examples (a training minibatch, as Wong et al. do:
+    no held-out digit takes part in choosing the weights). With ``action="stop"``, a fall of more
+    than ``drop`` below the best epoch so far stops training and the weights of the best epoch
+    are restored. With ``action="record"`` training runs to the end and the measurements are
+    only recorded, which is how chapter 6 shows the collapse. See
+    :class:`utils.train.CatastrophicOverfittingCheck`.
+    """
+
+    eps: float = 0.3
+    steps: int = 10
+    drop: float = 0.2
+    n: int = 256
+    action: str = "stop"
+
+    def __post_init__(self):
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n!r}")
+        self.check(torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))  # validates the rest
+
+    def check(self, x_train: torch.Tensor, y_train: torch.Tensor) -> CatastrophicOverfittingCheck:
+        """The callback, on the first ``n`` training examples."""
+        return CatastrophicOverfittingCheck(x_train[: self.n], y_train[: self.n], eps=self.eps, steps=self.steps,
+                                            drop=self.drop, action=self.action)
+
+    def spec(self) -> dict:
+        return {"eps": self.eps, "steps": self.steps, "drop": self.drop, "n": self.n, "action": self.action}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything that defines a trained model except the data it is trained on.
 
     ``arch_kwargs`` is a tuple of ``(name, value)`` pairs so the spec stays hashable, e.g.
-    ``ModelSpec("wide", arch_kwargs=(("width", 64),))``.
+    ``ModelSpec("wide", arch_kwargs=(("width", 64),))``. ``early_stop`` (an :class:`EarlyStop`)
+    watches the PGD accuracy during training; it is part of the key, and what it saw is kept
+    with the checkpoint (:attr:`TrainedModel.guard`).
     """
 
     name: str
@@ -55,8 +92,11 @@ class ModelSpec:
     schedule: str = "cosine"
     weight_decay: float = 0.0
     seed: int = 0
+    early_stop: EarlyStop | None = None
 
     def __post_init__(self):
+        if self.early_stop is not None and not isinstance(self.early_stop, EarlyStop):
+            raise TypeError(f"early_stop must be an EarlyStop or None, got {type(self.early_stop).__name__}")
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ValueError(f"name must be non-empty letters, digits, '-' or '_', got {self.name!r}")
         if self.epochs < 0 or self.batch_size <= 0 or self.lr <= 0:
@@ -68,7 +108,9 @@ class ModelSpec:
         return build_model(self.arch, **dict(self.arch_kwargs))
 
     def key_dict(self, data: MNISTData) -> dict:
+        extra = {} if self.early_stop is None else {"early_stop": self.early_stop.spec()}
         return {
+            **extra,
             "format": FORMAT_VERSION,
             "name": self.name,
             "arch": self.arch,
@@ -101,6 +143,12 @@ class TrainedModel:
     train_seconds: float
     status: str  # "loaded from cache", "trained", or "retrained: <why>"
     data_source: str
+    guard: dict | None = None  # what spec.early_stop measured: epochs, accs, events, stopped_at, best_epoch
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether training was stopped by :class:`EarlyStop` (and the best epoch restored)."""
+        return bool(self.guard and self.guard.get("stopped_at") is not None)
 
     @property
     def from_cache(self) -> bool:
@@ -189,21 +237,37 @@ def load_or_train(
         payload, why = _try_load(path, key, model)
         if payload is not None:
             model.to(device).eval()
+            guard = json.loads(payload["guard"]) if payload.get("guard") else None
             return TrainedModel(model, spec, key, path, History.from_list(payload["history"]),
-                                float(payload["train_seconds"]), "loaded from cache", data.source)
+                                float(payload["train_seconds"]), "loaded from cache", data.source, guard)
         if why != "missing":
             warnings.warn(f"retraining {spec.name!r}: {why}", CacheWarning, stacklevel=2)
             status = f"retrained: {why}"
             model = spec.build()  # never continue from weights that were partly loaded
     model.to(device)
+    check = None if spec.early_stop is None else spec.early_stop.check(data.x_train, data.y_train)
+    stopped_at = None
     start = time.perf_counter()
-    history = fit(
-        model, data.x_train, data.y_train, spec.objective,
-        epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, schedule=spec.schedule,
-        weight_decay=spec.weight_decay, seed=spec.seed, x_test=data.x_test, y_test=data.y_test,
-        progress=progress,
-    )
+    try:
+        history = fit(
+            model, data.x_train, data.y_train, spec.objective,
+            epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, schedule=spec.schedule,
+            weight_decay=spec.weight_decay, seed=spec.seed, x_test=data.x_test, y_test=data.y_test,
+            progress=progress, callback=check,
+        )
+    except CatastrophicOverfitting as stop:
+        history = stop.history
+        stopped_at = stop.event.epoch
+        check.restore(model)
+        if progress:
+            print(f"{spec.name}: {stop}; stopped and restored the weights of epoch {check.best_epoch}")
     seconds = time.perf_counter() - start
+    guard = None
+    if check is not None:
+        guard = {"epochs": check.epochs, "accs": check.accs, "best_epoch": check.best_epoch,
+                 "best_acc": check.best_acc, "stopped_at": stopped_at,
+                 "events": [{"epoch": e.epoch, "acc": e.acc, "best_acc": e.best_acc, "best_epoch": e.best_epoch}
+                            for e in check.events]}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT_VERSION,
@@ -212,10 +276,11 @@ def load_or_train(
         "state_dict": state,
         "history": history.to_list(),
         "train_seconds": seconds,
+        "guard": json.dumps(guard) if guard is not None else "",
     }
     _atomic_save(payload, path)
     model.eval()
-    return TrainedModel(model, spec, key, path, history, seconds, status, data.source)
+    return TrainedModel(model, spec, key, path, history, seconds, status, data.source, guard)
 
 
 def standard_spec(profile: config.Profile | str | None = None) -> ModelSpec:
@@ -224,3 +289,90 @@ def standard_spec(profile: config.Profile | str | None = None) -> ModelSpec:
         profile = config.get_profile(profile)
     return ModelSpec(name="standard", arch="cnn", objective=CrossEntropy(),
                      epochs=profile.epochs, batch_size=profile.batch_size, lr=1e-3, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The models of the book, one recipe each, so every chapter that needs a model gets the same one
+# --------------------------------------------------------------------------------------------
+
+#: The ε (L∞, pixels in [0, 1]) every defence of the book is trained for: Madry et al.'s MNIST budget.
+DEFENCE_EPS = 0.3
+
+#: name -> (chapter that introduces it, one line saying what it is)
+BOOK_MODELS: dict[str, tuple[int, str]] = {
+    "standard": (2, "cross-entropy on clean digits"),
+    "pgd_at": (6, "PGD adversarial training (Madry et al. 2018)"),
+    "fast_at": (6, "FGSM with a random start, stopped early (Wong et al. 2020)"),
+    "fast_at_overfit": (6, "FGSM with a large step and no early stop: catastrophic overfitting"),
+    "alp": (7, "adversarial logit pairing (Kannan et al. 2018)"),
+    "clp": (7, "clean logit pairing (Kannan et al. 2018)"),
+    "enaet": (8, "adversarial training with energy pairing (the book's EnAET)"),
+    "enaet_weighted": (8, "EnAET with energy-weighted adversarial loss (after WEAT)"),
+    "distillation_teacher": (9, "trained at softmax temperature 100, the teacher of defensive distillation"),
+    "distilled": (9, "defensive distillation at temperature 100 (Papernot et al. 2016)"),
+}
+
+#: The softmax temperature of defensive distillation (Papernot et al. 2016 used 100 on MNIST).
+DISTILLATION_TEMPERATURE = 100.0
+
+
+def book_spec(name: str, profile: config.Profile | str | None = None, *,
+              teacher: TrainedModel | None = None) -> ModelSpec:
+    """The recipe of the book's model ``name`` (see :data:`BOOK_MODELS`) in ``profile``.
+
+    Every adversarially trained model uses the same budget, so that chapter 8 can compare them
+    fairly: ``profile.defence_epochs`` epochs of Adam (cosine schedule, lr 1e-3, batch
+    ``profile.batch_size``), with the attack inside training at ε = :data:`DEFENCE_EPS`, ramped up
+    linearly over the first quarter of training, and ``profile.train_pgd_steps`` PGD steps of
+    size 2.5·ε/steps from a random start.
+
+    ``"distilled"`` needs its ``teacher`` (the trained ``"distillation_teacher"``);
+    :func:`load_book_model` fetches it. Both are trained for twice the standard model's epochs
+    at a learning rate of 3e-3.
+    """
+    if not isinstance(profile, config.Profile):
+        profile = config.get_profile(profile)
+    if name not in BOOK_MODELS:
+        raise ValueError(f"unknown model {name!r}; the book's models are {sorted(BOOK_MODELS)}")
+    if name == "standard":
+        return standard_spec(profile)
+    if name in ("distillation_teacher", "distilled"):
+        if name == "distillation_teacher":
+            objective: Objective = TemperatureCrossEntropy(DISTILLATION_TEMPERATURE)
+        else:
+            if teacher is None or teacher.spec.name != "distillation_teacher":
+                raise ValueError("the distilled model needs teacher=<the trained 'distillation_teacher'>")
+            objective = Distillation(teacher.model, teacher.key, DISTILLATION_TEMPERATURE)
+        # At T = 100 the logits must grow about 100 times larger than usual before the softmax
+        # at temperature T is confident: a larger learning rate and twice the standard epochs.
+        return ModelSpec(name=name, arch="cnn", objective=objective, epochs=2 * profile.epochs,
+                         batch_size=profile.batch_size, lr=3e-3, seed=0)
+    if teacher is not None:
+        raise ValueError(f"only the distilled model takes a teacher, not {name!r}")
+    eps, steps, warmup = DEFENCE_EPS, profile.train_pgd_steps, 0.25
+    objectives: dict[str, Objective] = {
+        "pgd_at": PGDAdversarial(eps=eps, alpha=None, steps=steps, warmup=warmup),
+        "fast_at": FastFGSM(eps=eps, alpha=None, warmup=warmup),
+        "fast_at_overfit": FastFGSM(eps=eps, alpha=2.0 * eps, warmup=warmup),
+        "alp": LogitPairing(eps=eps, alpha=None, steps=steps, weight=0.5, mix=0.5, warmup=warmup),
+        "clp": LogitPairing(pairing="clean", weight=0.5),
+        "enaet": EnergyPairing(eps=eps, alpha=None, steps=steps, lam=1.0, gamma=0.1, warmup=warmup),
+        "enaet_weighted": EnergyPairing(eps=eps, alpha=None, steps=steps, lam=1.0, gamma=0.1, weighted=True,
+                                        warmup=warmup),
+    }
+    early_stop = {
+        "fast_at": EarlyStop(eps=eps, steps=10, drop=0.2, action="stop"),
+        "fast_at_overfit": EarlyStop(eps=eps, steps=10, drop=0.2, action="record"),
+    }.get(name)
+    return ModelSpec(name=name, arch="cnn", objective=objectives[name], epochs=profile.defence_epochs,
+                     batch_size=profile.batch_size, lr=1e-3, seed=0, early_stop=early_stop)
+
+
+def load_book_model(name: str, data: MNISTData, profile: config.Profile | str | None = None,
+                    **kwargs) -> TrainedModel:
+    """:func:`load_or_train` on :func:`book_spec`: the model a chapter needs, cached or trained.
+
+    For ``"distilled"`` the teacher is loaded (or trained) first.
+    """
+    teacher = load_book_model("distillation_teacher", data, profile, **kwargs) if name == "distilled" else None
+    return load_or_train(book_spec(name, profile, teacher=teacher), data, **kwargs)

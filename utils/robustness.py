@@ -1,0 +1,180 @@
+"""Robust accuracy measured the careful way: per example, worst case over attacks and restarts.
+
+An example counts as *robust* only if the model classifies it correctly before any attack and
+after every attack tried on it. :func:`robust_correct` runs a list of attacks one after another,
+each only on the examples that are still standing (a broken example stays broken, so attacking it
+again would change nothing and cost time); restarts of an attack are further attacks of the
+same kind. :func:`robustness_table` does this for several models and several attacks, and adds
+the per-example worst case over all of them, which is what a robust accuracy should report.
+
+Introduced in chapter 6 and used in every chapter after it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .data import check_images, check_labels
+from .evaluate import eval_mode, model_device
+
+Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _count(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
+
+
+def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   attacks: Attack | Sequence[Attack] = (), *, restarts: int = 1,
+                   batch_size: int = 500) -> torch.Tensor:
+    """``[N]`` booleans: is example ``i`` classified correctly clean *and* after every attack?
+
+    ``attacks`` is one attack or a sequence of them, each a callable ``attack(model, x, y) ->
+    x_adv``; every attack is run ``restarts`` times (an attack with a random start draws a new
+    start each time). Each run sees only the examples that are still correctly classified, and
+    an example's result is its worst case so far. With no attack this is the clean correctness.
+
+    The model runs in evaluation mode on its own device and is left in the mode it was in. The
+    result is on the CPU.
+    """
+    check_images(x)
+    check_labels(y, n=len(x))
+    restarts = _count("restarts", restarts)
+    batch_size = _count("batch_size", batch_size)
+    if callable(attacks):
+        attacks = [attacks]
+    attacks = list(attacks)
+    for a in attacks:
+        if not callable(a):
+            raise TypeError(f"every attack must be callable as attack(model, x, y), got {type(a).__name__}")
+    device = model_device(model)
+    standing = torch.zeros(len(x), dtype=torch.bool)
+    with eval_mode(model):
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+            standing[start:start + len(xb)] = _correct(model, xb, yb).cpu()
+        for attack in attacks:
+            for _ in range(restarts):
+                idx = standing.nonzero().flatten()
+                for start in range(0, len(idx), batch_size):
+                    sel = idx[start:start + batch_size]
+                    xb, yb = x[sel].to(device), y[sel].to(device)
+                    x_adv = attack(model, xb, yb)
+                    check_images(x_adv, name="the attack's output")
+                    standing[sel] = _correct(model, x_adv, yb).cpu()
+    return standing
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    attacks: Attack | Sequence[Attack] = (), *, restarts: int = 1,
+                    batch_size: int = 500) -> float:
+    """The fraction of :func:`robust_correct` (the worst case per example over every attack)."""
+    return robust_correct(model, x, y, attacks, restarts=restarts, batch_size=batch_size).float().mean().item()
+
+
+def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, make_attack: Callable[[float], Attack],
+                    eps_values: Sequence[float], *, restarts: int = 1, batch_size: int = 500) -> list[float]:
+    """Robust accuracy at every ε of ``eps_values``; ``make_attack(eps)`` returns the attack at ε.
+
+    ε = 0 means no attack (the clean accuracy). Negative ε values are refused.
+    """
+    out = []
+    for eps in eps_values:
+        eps = float(eps)
+        if not eps >= 0.0:
+            raise ValueError(f"every eps must be >= 0, got {eps}")
+        attacks = [] if eps == 0.0 else [make_attack(eps)]
+        out.append(robust_accuracy(model, x, y, attacks, restarts=restarts, batch_size=batch_size))
+    return out
+
+
+@dataclass
+class RobustnessTable:
+    """Accuracies of several models under several attacks, with the per-example worst case.
+
+    ``acc[model][attack]`` is a fraction; the column ``"clean"`` is the accuracy without attack
+    and ``"worst case"`` (when more than one attack ran) the fraction of examples that survive
+    every attack. ``seconds[model]`` is the time spent attacking that model. Displays itself as
+    a Markdown table in a notebook; :meth:`markdown` gives the text.
+    """
+
+    models: list[str]
+    attacks: list[str]
+    acc: dict[str, dict[str, float]]
+    seconds: dict[str, float]
+    n: int
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        cols = ["clean", *self.attacks]
+        if len(self.attacks) > 1:
+            cols.append("worst case")
+        return cols
+
+    def markdown(self, extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
+        """A Markdown table in percent; ``extra[column][model]`` adds text columns at the right."""
+        extra = dict(extra or {})
+        head = ["model", *self.columns, *extra]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for m in self.models:
+            cells = [m] + [f"{100 * self.acc[m][c]:.1f}%" for c in self.columns]
+            cells += [str(extra[c].get(m, "")) for c in extra]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        return self.markdown() + f"\n\nAccuracy on {self.n:,} held-out digits."
+
+    def __repr__(self) -> str:
+        rows = [f"{m}: " + ", ".join(f"{c} {100 * self.acc[m][c]:.1f}%" for c in self.columns) for m in self.models]
+        return "RobustnessTable(\n  " + "\n  ".join(rows) + f"\n  on {self.n} examples)"
+
+
+def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                     attacks: Mapping[str, Attack | tuple[Attack, int]], *, batch_size: int = 500,
+                     progress: bool = False) -> RobustnessTable:
+    """Clean and robust accuracy of every model under every attack, and the worst case over them.
+
+    ``attacks`` maps a column name to an attack, or to ``(attack, restarts)``. Each attack is run
+    against every example that was correct clean (so columns are comparable), and the worst-case
+    column combines them per example.
+    """
+    if not models:
+        raise ValueError("robustness_table needs at least one model")
+    specs: dict[str, tuple[Attack, int]] = {}
+    for name, a in attacks.items():
+        if name in ("clean", "worst case"):
+            raise ValueError(f"{name!r} is a reserved column name")
+        attack, restarts = a if isinstance(a, tuple) else (a, 1)
+        specs[name] = (attack, _count(f"restarts of {name!r}", restarts))
+    acc: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    for m_name, model in models.items():
+        start = time.perf_counter()
+        clean = robust_correct(model, x, y, batch_size=batch_size)
+        worst = clean.clone()
+        row = {"clean": clean.float().mean().item()}
+        for a_name, (attack, restarts) in specs.items():
+            ok = robust_correct(model, x, y, attack, restarts=restarts, batch_size=batch_size)
+            row[a_name] = ok.float().mean().item()
+            worst &= ok
+            if progress:
+                print(f"{m_name:>20s} | {a_name}: {100 * row[a_name]:.1f}%", flush=True)
+        if len(specs) > 1:
+            row["worst case"] = worst.float().mean().item()
+        acc[m_name] = row
+        seconds[m_name] = time.perf_counter() - start
+    return RobustnessTable(list(models), list(specs), acc, seconds, len(x))
