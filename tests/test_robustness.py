@@ -8,7 +8,8 @@ import torch
 from utils.attacks import fgsm, pgd
 from utils.evaluate import evaluate
 from utils.models import MnistMLP
-from utils.robustness import RobustnessTable, accuracy_vs_eps, robust_accuracy, robust_correct, robustness_table
+from utils.robustness import (RobustnessTable, accuracy_vs_eps, describe_attack, robust_accuracy, robust_correct,
+                              robustness_table)
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +96,39 @@ def test_bad_input_is_refused(model_and_data):
         robustness_table({"m": m}, x, y, {"clean": functools.partial(fgsm, eps=0.1)})
     with pytest.raises(ValueError):
         robust_correct(m, x, y, lambda model, a, b: a + 5.0)  # an attack leaving the pixel box
+
+
+def test_results_are_memoised_per_model_key_attack_and_digits(model_and_data, tmp_path):
+    m, x, y = model_and_data
+    attack = Counting(functools.partial(pgd, eps=0.1, steps=3))
+    described = functools.partial(pgd, eps=0.1, steps=3)
+    first = robustness_table({"mlp": m}, x, y, {"PGD": (described, 2)}, keys={"mlp": "k1"})
+    assert first.reused == {}
+    again = robustness_table({"mlp": m}, x, y, {"PGD": (described, 2)}, keys={"mlp": "k1"})
+    assert again.reused == {"mlp": ["PGD"]} and again.acc == first.acc
+    # another model key, other digits, other restarts or another attack: measured afresh
+    assert robustness_table({"mlp": m}, x, y, {"PGD": (described, 2)}, keys={"mlp": "k2"}).reused == {}
+    assert robustness_table({"mlp": m}, x[:100], y[:100], {"PGD": (described, 2)}, keys={"mlp": "k1"}).reused == {}
+    assert robustness_table({"mlp": m}, x, y, {"PGD": (described, 1)}, keys={"mlp": "k1"}).reused == {}
+    other = functools.partial(pgd, eps=0.2, steps=3)
+    assert robustness_table({"mlp": m}, x, y, {"PGD": (other, 2)}, keys={"mlp": "k1"}).reused == {}
+    # attacks that cannot be described are never memoised; without keys nothing is
+    robustness_table({"mlp": m}, x, y, {"PGD": attack}, keys={"mlp": "k1"})
+    robustness_table({"mlp": m}, x, y, {"PGD": attack}, keys={"mlp": "k1"})
+    assert len(attack.seen) >= 2
+    seeded = functools.partial(pgd, eps=0.1, generator=torch.Generator().manual_seed(0))
+    assert describe_attack(seeded) is None and describe_attack(lambda a, b, c: b) is None
+    assert describe_attack(described) == describe_attack(functools.partial(pgd, steps=3, eps=0.1))
+    assert robustness_table({"mlp": m}, x, y, {"PGD": (described, 2)}).reused == {}
+
+
+def test_a_damaged_memo_is_measured_again(model_and_data):
+    from utils import config
+    m, x, y = model_and_data
+    described = functools.partial(pgd, eps=0.1, steps=3)
+    first = robustness_table({"mlp": m}, x, y, {"PGD": described}, keys={"mlp": "k"})
+    for f in config.cache_dir("robustness").glob("*.pt"):
+        f.write_bytes(b"not a tensor")
+    with pytest.warns(UserWarning, match="damaged"):
+        again = robustness_table({"mlp": m}, x, y, {"PGD": described}, keys={"mlp": "k"})
+    assert again.reused == {} and again.acc["mlp"]["clean"] == first.acc["mlp"]["clean"]

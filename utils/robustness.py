@@ -12,13 +12,20 @@ Introduced in chapter 6 and used in every chapter after it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from . import config
 from .data import check_images, check_labels
 from .evaluate import eval_mode, model_device
 
@@ -100,6 +107,62 @@ def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, make_att
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# A memo of per-example results, so that the same model under the same attack is measured once
+# --------------------------------------------------------------------------------------------
+
+def describe_attack(attack: Attack) -> str | None:
+    """A text that identifies ``attack``, or None when it cannot be described reliably.
+
+    A ``functools.partial`` of a library function with plain arguments (numbers, strings,
+    booleans, None) is described by the function's qualified name and the arguments; anything
+    else (a lambda, a closure, an argument such as a random generator whose state matters) is
+    not, and is never memoised.
+    """
+    if not isinstance(attack, functools.partial) or not hasattr(attack.func, "__qualname__"):
+        return None
+    plain = (int, float, str, bool, type(None))
+    if not all(isinstance(a, plain) for a in attack.args):
+        return None
+    if not all(isinstance(v, plain) for v in attack.keywords.values()):
+        return None
+    kw = ", ".join(f"{k}={v!r}" for k, v in sorted(attack.keywords.items()))
+    return f"{attack.func.__module__}.{attack.func.__qualname__}({', '.join(map(repr, attack.args))}; {kw})"
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _memo_path(model_key: str, attack_text: str, restarts: int, x: torch.Tensor, y: torch.Tensor) -> Path:
+    blob = "|".join([model_key, attack_text, str(restarts), _tensor_digest(x), _tensor_digest(y)])
+    return config.cache_dir("robustness") / (hashlib.sha256(blob.encode()).hexdigest()[:24] + ".pt")
+
+
+def _memo_load(path: Path, n: int) -> torch.Tensor | None:
+    if not path.exists():
+        return None
+    try:
+        ok = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        ok = None
+    if not isinstance(ok, torch.Tensor) or ok.dtype != torch.bool or ok.shape != (n,):
+        warnings.warn(f"ignoring the damaged result file {path.name}; measuring again", stacklevel=3)
+        return None
+    return ok
+
+
+def _memo_save(path: Path, ok: torch.Tensor) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(ok.clone(), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @dataclass
 class RobustnessTable:
     """Accuracies of several models under several attacks, with the per-example worst case.
@@ -116,6 +179,7 @@ class RobustnessTable:
     seconds: dict[str, float]
     n: int
     notes: dict[str, str] = field(default_factory=dict)
+    reused: dict[str, list[str]] = field(default_factory=dict)  # model -> attack columns read from the memo
 
     @property
     def columns(self) -> list[str]:
@@ -145,12 +209,18 @@ class RobustnessTable:
 
 def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                      attacks: Mapping[str, Attack | tuple[Attack, int]], *, batch_size: int = 500,
-                     progress: bool = False) -> RobustnessTable:
+                     progress: bool = False, keys: Mapping[str, str] | None = None) -> RobustnessTable:
     """Clean and robust accuracy of every model under every attack, and the worst case over them.
 
     ``attacks`` maps a column name to an attack, or to ``(attack, restarts)``. Each attack is run
     against every example that was correct clean (so columns are comparable), and the worst-case
     column combines them per example.
+
+    ``keys`` (optional) maps a model's name to its cache key (:attr:`utils.zoo.TrainedModel.key`).
+    For those models, the per-example result of every attack that :func:`describe_attack` can
+    describe is kept under ``ADVBOOK_CACHE/robustness`` and read back the next time the same
+    model meets the same attack on the same digits, in this chapter or a later one; the columns
+    read back are listed in ``reused``. Delete that folder to measure everything again.
     """
     if not models:
         raise ValueError("robustness_table needs at least one model")
@@ -162,13 +232,24 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
         specs[name] = (attack, _count(f"restarts of {name!r}", restarts))
     acc: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
+    reused: dict[str, list[str]] = {}
     for m_name, model in models.items():
         start = time.perf_counter()
         clean = robust_correct(model, x, y, batch_size=batch_size)
         worst = clean.clone()
         row = {"clean": clean.float().mean().item()}
         for a_name, (attack, restarts) in specs.items():
-            ok = robust_correct(model, x, y, attack, restarts=restarts, batch_size=batch_size)
+            text = describe_attack(attack)
+            memo = None
+            if keys is not None and keys.get(m_name) and text is not None:
+                memo = _memo_path(keys[m_name], text, restarts, x, y)
+            ok = _memo_load(memo, len(x)) if memo is not None else None
+            if ok is not None:
+                reused.setdefault(m_name, []).append(a_name)
+            else:
+                ok = robust_correct(model, x, y, attack, restarts=restarts, batch_size=batch_size)
+                if memo is not None:
+                    _memo_save(memo, ok)
             row[a_name] = ok.float().mean().item()
             worst &= ok
             if progress:
@@ -177,4 +258,4 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
             row["worst case"] = worst.float().mean().item()
         acc[m_name] = row
         seconds[m_name] = time.perf_counter() - start
-    return RobustnessTable(list(models), list(specs), acc, seconds, len(x))
+    return RobustnessTable(list(models), list(specs), acc, seconds, len(x), reused=reused)
