@@ -132,3 +132,14 @@ def test_a_damaged_memo_is_measured_again(model_and_data):
     with pytest.warns(UserWarning, match="damaged"):
         again = robustness_table({"mlp": m}, x, y, {"PGD": described}, keys={"mlp": "k"})
     assert again.reused == {} and again.acc["mlp"]["clean"] == first.acc["mlp"]["clean"]
+
+
+def test_robust_correct_shares_the_memo_with_the_table(model_and_data):
+    m, x, y = model_and_data
+    described = functools.partial(pgd, eps=0.1, steps=3)
+    ok = robust_correct(m, x, y, described, restarts=2, key="k")
+    table = robustness_table({"mlp": m}, x, y, {"PGD": (described, 2)}, keys={"mlp": "k"})
+    assert table.reused == {"mlp": ["PGD"]} and table.acc["mlp"]["PGD"] == pytest.approx(ok.float().mean().item())
+    counting = Counting(described)
+    robust_correct(m, x, y, counting, key="k")   # a wrapper cannot be described: measured, not memoised
+    assert counting.seen

@@ -45,7 +45,7 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    attacks: Attack | Sequence[Attack] = (), *, restarts: int = 1,
-                   batch_size: int = 500) -> torch.Tensor:
+                   batch_size: int = 500, key: str | None = None) -> torch.Tensor:
     """``[N]`` booleans: is example ``i`` classified correctly clean *and* after every attack?
 
     ``attacks`` is one attack or a sequence of them, each a callable ``attack(model, x, y) ->
@@ -55,7 +55,17 @@ def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     The model runs in evaluation mode on its own device and is left in the mode it was in. The
     result is on the CPU.
+
+    ``key`` (optional): the model's cache key (:attr:`utils.zoo.TrainedModel.key`). When it is
+    given and every attack can be described (:func:`describe_attack`), the result is kept under
+    ``ADVBOOK_CACHE/robustness`` and read back the next time the same model meets the same attacks
+    on the same digits, in this chapter or a later one. Delete that folder to measure again.
     """
+    return _robust_correct(model, x, y, attacks, restarts=restarts, batch_size=batch_size, key=key)[0]
+
+
+def _robust_correct(model, x, y, attacks, *, restarts, batch_size, key) -> tuple[torch.Tensor, bool]:
+    """:func:`robust_correct`, and whether the result was read from the memo."""
     check_images(x)
     check_labels(y, n=len(x))
     restarts = _count("restarts", restarts)
@@ -66,6 +76,14 @@ def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     for a in attacks:
         if not callable(a):
             raise TypeError(f"every attack must be callable as attack(model, x, y), got {type(a).__name__}")
+    memo = None
+    if key is not None and attacks:
+        texts = [describe_attack(a) for a in attacks]
+        if all(t is not None for t in texts):
+            memo = _memo_path(str(key), " + ".join(texts), restarts, x, y)
+            ok = _memo_load(memo, len(x))
+            if ok is not None:
+                return ok, True
     device = model_device(model)
     standing = torch.zeros(len(x), dtype=torch.bool)
     with eval_mode(model):
@@ -81,7 +99,9 @@ def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     x_adv = attack(model, xb, yb)
                     check_images(x_adv, name="the attack's output")
                     standing[sel] = _correct(model, x_adv, yb).cpu()
-    return standing
+    if memo is not None:
+        _memo_save(memo, standing)
+    return standing, False
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -216,11 +236,9 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
     against every example that was correct clean (so columns are comparable), and the worst-case
     column combines them per example.
 
-    ``keys`` (optional) maps a model's name to its cache key (:attr:`utils.zoo.TrainedModel.key`).
-    For those models, the per-example result of every attack that :func:`describe_attack` can
-    describe is kept under ``ADVBOOK_CACHE/robustness`` and read back the next time the same
-    model meets the same attack on the same digits, in this chapter or a later one; the columns
-    read back are listed in ``reused``. Delete that folder to measure everything again.
+    ``keys`` (optional) maps a model's name to its cache key (:attr:`utils.zoo.TrainedModel.key`);
+    each column is then memoised as ``robust_correct(..., key=...)`` describes, and the columns
+    read back from the memo are listed in ``reused``.
     """
     if not models:
         raise ValueError("robustness_table needs at least one model")
@@ -239,17 +257,11 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
         worst = clean.clone()
         row = {"clean": clean.float().mean().item()}
         for a_name, (attack, restarts) in specs.items():
-            text = describe_attack(attack)
-            memo = None
-            if keys is not None and keys.get(m_name) and text is not None:
-                memo = _memo_path(keys[m_name], text, restarts, x, y)
-            ok = _memo_load(memo, len(x)) if memo is not None else None
-            if ok is not None:
+            key = None if keys is None else keys.get(m_name)
+            ok, was_reused = _robust_correct(model, x, y, [attack], restarts=restarts, batch_size=batch_size,
+                                             key=key)
+            if was_reused:
                 reused.setdefault(m_name, []).append(a_name)
-            else:
-                ok = robust_correct(model, x, y, attack, restarts=restarts, batch_size=batch_size)
-                if memo is not None:
-                    _memo_save(memo, ok)
             row[a_name] = ok.float().mean().item()
             worst &= ok
             if progress:

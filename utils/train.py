@@ -735,7 +735,8 @@ class EnergyPairing(_InnerPGD):
     adversarial cross-entropy becomes ``mean_i w_i · CE(f(x_adv,i), y_i)`` with the weights of
     :func:`energy_weights` computed from ``E(x_adv)`` (detached, mean 1 over the batch), so
     adversarial examples the model fits with low confidence count more. It borrows WEAT's
-    weighting, it does not reproduce WEAT (which weights a TRADES-style loss).
+    weighting, it does not reproduce WEAT, whose released code computes unnormalised weights from
+    the *clean* energies and applies them inside a TRADES-style loss.
 
     The name comes from a blog post; in the literature "EnAET" is Wang et al.'s unrelated
     semi-supervised method (2019). The energy view rests on JEM (Grathwohl et al. 2020), energy-based
