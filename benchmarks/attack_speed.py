@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wall-clock time (default), or this process's CPU time: steadier on a CPU "
                         "shared with other work (use it with --threads 1; meaningless on a GPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="also write a Markdown report here (the book's results page includes "
+                        "benchmarks/results/attack_speed.md)")
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         p.error("--batch and --repeats must be at least 1")
@@ -213,7 +216,41 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown_report(result))
+        print(f"wrote {args.markdown}")
     return result
+
+
+def markdown_report(result: dict) -> str:
+    """The measurements as a Markdown section: the table, the overheads, and where they were taken."""
+    clock = ("CPU time of this process" if result["clock"] == "cpu" else "wall-clock time")
+    lines = [
+        "| attack | ours (img/s) | torchattacks (img/s) | ours / theirs | robust accuracy, ours / theirs |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['attack']} | {r['ours_img_s']:.1f} | {r['theirs_img_s']:.1f} | {r['ratio']:.2f} | "
+                     f"{100 * r['ours_robust_acc']:.1f}% / {100 * r['theirs_robust_acc']:.1f}% |")
+    over = [f"{r['attack']} {r['overhead_vs_floor']:.3f}" for r in result["rows"] if r["overhead_vs_floor"] is not None]
+    load = result.get("load_average") or [None, None]
+    load_text = "" if load[0] is None else f" Load average {load[0]:.2f} before and {load[1]:.2f} after the run."
+    return "\n".join([
+        "Throughput of the book's attacks (`utils.attacks`) and of torchattacks "
+        f"{result['torchattacks']} on the same model and digits, measured side by side by "
+        "`benchmarks/attack_speed.py` (see `benchmarks/README.md` for what each row runs).",
+        "",
+        *lines,
+        "",
+        "Overhead of our PGD loop over the same number of bare forward-backward passes with respect to the "
+        "input (1.00 would be no overhead): " + ", ".join(over) + ".",
+        "",
+        f"Measured on {result['device']} ({result['platform']}), {result['threads']} thread(s), torch "
+        f"{result['torch']}, batch of {result['batch']} digits, best of {result['repeats']} runs, {clock}; "
+        f"model: {result['model']}; data: {result['data']}; ε = {result['eps']}.{load_text}",
+        "",
+    ])
 
 
 if __name__ == "__main__":
