@@ -72,6 +72,9 @@ def test_worst_case_over_attacks_is_below_each(model_and_data):
     assert md.splitlines()[0] == "| model | clean | FGSM | PGD | worst case |"
     assert f"{100 * row['PGD']:.1f}%" in md
     assert "200 held-out digits" in table._repr_markdown_()
+    html = table.html(extra={"note": {"mlxtend": "<x>"}}, caption="a & b")
+    assert html.count("<tr>") == 2 and "<caption>a &amp; b</caption>" in html
+    assert f"{100 * row['PGD']:.1f}%" in html and "&lt;x&gt;" not in html  # extra for another model name is empty
 
 
 def test_accuracy_falls_with_eps_and_starts_at_clean(model_and_data):

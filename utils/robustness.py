@@ -219,6 +219,20 @@ class RobustnessTable:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def html(self, extra: Mapping[str, Mapping[str, str]] | None = None, caption: str = "") -> str:
+        """The same table as :meth:`markdown`, as an HTML ``<table>`` (for pages that paste HTML)."""
+        import html as _html
+        extra = dict(extra or {})
+        head = ["model", *self.columns, *extra]
+        cells = "".join(f"<th>{_html.escape(h)}</th>" for h in head)
+        rows = [f"<tr>{cells}</tr>"]
+        for m in self.models:
+            values = [f"{100 * self.acc[m][c]:.1f}%" for c in self.columns] + [str(extra[c].get(m, "")) for c in extra]
+            rows.append(f"<tr><td>{_html.escape(m)}</td>"
+                        + "".join(f'<td style="text-align: right">{_html.escape(v)}</td>' for v in values) + "</tr>")
+        cap = f"<caption>{_html.escape(caption)}</caption>" if caption else ""
+        return f'<table class="table">{cap}' + "".join(rows) + "</table>"
+
     def _repr_markdown_(self) -> str:
         return self.markdown() + f"\n\nAccuracy on {self.n:,} held-out digits."
 
