@@ -28,14 +28,9 @@ from torch import nn
 from . import config
 from .data import check_images, check_labels
 from .evaluate import eval_mode, model_device
+from .train import _count
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _count(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 @torch.no_grad()
