@@ -20,7 +20,8 @@ from utils import attacks as A
 from utils.data import load_mnist
 from utils.evaluate import accuracy, evaluate, predict
 from utils.models import build_model
-from utils.train import CrossEntropy, fit
+from utils.objectives import CrossEntropy
+from utils.train import fit
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from utils import config, data
-from utils.data import MNIST, MNIST5K, DataUnavailable, check_images, check_labels, load_mnist, make_loader
+from utils.checks import check_images, check_labels
+from utils.data import MNIST, MNIST5K, DataUnavailable, load_mnist
+from utils.train import make_loader
 
 
 def _write_idx(path, array: np.ndarray):

@@ -17,13 +17,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import zoo
+from utils import cache, zoo
 from utils.attacks import pgd
+from utils.defences import (EnergyPairing, FastFGSM, LogitPairing, PGDAdversarial, energy_pairing_loss, energy_weights,
+                            logit_pairing_loss)
 from utils.evaluate import evaluate
 from utils.models import build_model
-from utils.train import (CatastrophicOverfitting, CatastrophicOverfittingCheck, CrossEntropy, EnergyPairing,
-                         EpochRecord, FastFGSM, LogitPairing, OverfittingEvent, PGDAdversarial, StepOutput, StopTraining,
-                         energy_pairing_loss, energy_weights, fit, logit_pairing_loss)
+from utils.objectives import CrossEntropy
+from utils.overfitting import CatastrophicOverfitting, CatastrophicOverfittingCheck, EarlyStop, OverfittingEvent
+from utils.train import EpochRecord, StepOutput, StopTraining, fit
 
 EPS = 0.1
 STEPS = 3
@@ -34,8 +36,8 @@ DEFENCES = {
     "fast_fgsm": FastFGSM(eps=EPS),
     "alp": LogitPairing(eps=EPS, alpha=0.04, steps=STEPS, weight=0.5, mix=0.7),
     "clp": LogitPairing(pairing="clean", weight=0.5),
-    "enaet": EnergyPairing(eps=EPS, alpha=0.04, steps=STEPS, lam=1.0, gamma=0.1),
-    "enaet_weighted": EnergyPairing(eps=EPS, alpha=0.04, steps=STEPS, lam=1.0, gamma=0.1, weighted=True),
+    "enaet": EnergyPairing(eps=EPS, alpha=0.04, steps=STEPS, mix=0.5, weight=0.05),
+    "enaet_weighted": EnergyPairing(eps=EPS, alpha=0.04, steps=STEPS, mix=0.5, weight=0.05, weighted=True),
 }
 
 
@@ -89,7 +91,8 @@ def reference_loss(obj, model, x, y):
     if obj.weighted:
         w = 1 / torch.log(1 + torch.exp(e_adv.detach().abs()))
         ce_adv = ce_adv * (w / w.mean())
-    return F.cross_entropy(clean, y) + obj.lam * ce_adv.mean() + obj.gamma * ((e_adv - e_clean) ** 2).mean()
+    return ((1 - obj.mix) * F.cross_entropy(clean, y) + obj.mix * ce_adv.mean()
+            + obj.weight * ((e_adv - e_clean) ** 2).mean())
 
 
 @pytest.mark.parametrize("name", list(DEFENCES))
@@ -144,7 +147,9 @@ def test_fast_fgsm_perturbation_is_one_pgd_step_from_a_random_start_inside_ball_
     x, y = batch
     obj = FastFGSM(eps=0.2, alpha=0.15)
     torch.manual_seed(5)
-    delta = obj.perturbation(model, x, y)
+    x_adv, eps_now = obj.adversarial(model, x, y)
+    delta = x_adv - x
+    assert eps_now == 0.2
     torch.manual_seed(5)
     x_pgd = pgd(model, x, y, 0.2, alpha=0.15, steps=1, random_start=True)
     assert torch.allclose(x + delta, x_pgd, atol=1e-6)
@@ -198,10 +203,10 @@ def test_pairing_terms_vanish_when_the_pair_is_equal(batch):
     ce = F.cross_entropy(model(x), y).item()
     assert out.terms["pairing"] == 0.0 and out.terms["eps"] == 0.0
     assert out.loss.item() == pytest.approx(ce, rel=1e-6)
-    enaet = EnergyPairing(eps=0.0, steps=STEPS, lam=2.0, gamma=1.0)
+    enaet = EnergyPairing(eps=0.0, steps=STEPS, mix=0.3, weight=1.0)
     out = enaet(model, x, y)
     assert out.terms["energy_pairing"] == 0.0
-    assert out.loss.item() == pytest.approx(3.0 * ce, rel=1e-6)
+    assert out.loss.item() == pytest.approx(ce, rel=1e-6)  # (1 - mix)·CE + mix·CE, nothing else
     same_x, same_y = x[:1].repeat(8, 1, 1, 1), y[:1].repeat(8)
     clp = LogitPairing(pairing="clean", weight=1.0)
     out = clp(model, same_x, same_y)
@@ -255,7 +260,7 @@ def test_eps_warmup_ramps_linearly_and_alpha_follows(make, batch, monkeypatch):
     clean_ce = F.cross_entropy(model(x), y).item()
     assert out.terms.get("ce_adv") == pytest.approx(clean_ce, rel=1e-6)  # no attack at ε = 0
     if make is FastFGSM:
-        delta = obj.perturbation(model, x, y, progress=0.2)
+        delta = obj.adversarial(model, x, y, progress=0.2)[0] - x
         assert 0.09 < delta.abs().max() <= 0.1 + 1e-6
         return
     seen = []
@@ -264,7 +269,7 @@ def test_eps_warmup_ramps_linearly_and_alpha_follows(make, batch, monkeypatch):
         seen.append((eps, kw["alpha"]))
         return pgd(model, x, y, eps, **kw)
 
-    monkeypatch.setattr("utils.train.pgd", spy)
+    monkeypatch.setattr("utils.defences.pgd", spy)
     reported = [obj(model, x, y, progress=progress).terms["eps"] for progress in (0.2, 0.4, 0.7)]
     assert seen == [pytest.approx((0.1, 0.04)), pytest.approx((0.2, 0.08)), pytest.approx((0.2, 0.08))]
     assert reported == pytest.approx([0.1, 0.2, 0.2])
@@ -300,7 +305,7 @@ def test_fit_with_each_defence_leaves_mode_and_flags_and_records_terms(name, mod
 
 #: A different valid value for every field of every defence.
 OTHER_VALUE = {"eps": 0.2, "alpha": 0.02, "steps": 7, "random_start": False, "warmup": 0.5, "norm": "l2",
-               "weight": 0.25, "mix": 1.0, "lam": 2.0, "gamma": 0.5, "weighted": True, "pairing": "clean"}
+               "weight": 0.25, "mix": 1.0, "weighted": True, "pairing": "clean"}
 
 
 @pytest.mark.parametrize("name", ["pgd_at", "fast_fgsm", "alp", "enaet"])
@@ -308,9 +313,9 @@ def test_spec_changes_with_every_parameter_and_is_json(name, mnist5k_fast):
     obj = DEFENCES[name]
     base = obj.spec()
     assert json.loads(json.dumps(base)) == base
-    spec = zoo.ModelSpec("d", arch="mlp", arch_kwargs=(("hidden", 8),), objective=obj, epochs=1)
+    spec = cache.ModelSpec("d", arch="mlp", arch_kwargs=(("hidden", 8),), objective=obj, epochs=1)
     key = spec.key(mnist5k_fast)
-    names = [f.name for f in dataclasses.fields(obj)]
+    names = [f.name for f in dataclasses.fields(obj) if f.init]
     assert names and set(names) <= set(OTHER_VALUE)
     for field_name in names:
         changed = dataclasses.replace(obj, **{field_name: OTHER_VALUE[field_name]})
@@ -334,16 +339,16 @@ def test_spec_identifies_the_model_not_the_spelling():
 
 
 def test_load_or_train_caches_an_adversarially_trained_model(mnist5k_fast, tmp_path):
-    spec = zoo.ModelSpec("pgd-tiny", arch="mlp", arch_kwargs=(("hidden", 8),),
+    spec = cache.ModelSpec("pgd-tiny", arch="mlp", arch_kwargs=(("hidden", 8),),
                          objective=PGDAdversarial(eps=0.1, alpha=0.05, steps=2), epochs=1, batch_size=100)
-    first = zoo.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False)
-    second = zoo.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False)
+    first = cache.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False)
+    second = cache.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False)
     assert first.status == "trained" and second.from_cache
     assert "ce_adv" in second.history.records[0].terms
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
     assert spec.key_dict(mnist5k_fast)["objective"] == PGDAdversarial(eps=0.1, alpha=0.05, steps=2).spec()
     other = dataclasses.replace(spec, objective=PGDAdversarial(eps=0.2, alpha=0.05, steps=2))
-    assert zoo.checkpoint_path(other, mnist5k_fast, tmp_path) != first.path
+    assert cache.checkpoint_path(other, mnist5k_fast, tmp_path) != first.path
 
 
 @pytest.mark.parametrize("make, kwargs, word", [
@@ -360,8 +365,8 @@ def test_load_or_train_caches_an_adversarially_trained_model(mnist5k_fast, tmp_p
     (LogitPairing, dict(pairing="both"), "pairing"),
     (LogitPairing, dict(mix=1.5), "mix"),
     (LogitPairing, dict(steps=0), "steps"),
-    (EnergyPairing, dict(lam=-1.0), "lam"),
-    (EnergyPairing, dict(gamma=-0.1), "gamma"),
+    (EnergyPairing, dict(mix=-1.0), "mix"),
+    (EnergyPairing, dict(weight=-0.1), "weight"),
     (EnergyPairing, dict(eps=-0.3), "eps"),
 ])
 def test_bad_parameters_are_rejected_with_a_clear_sentence(make, kwargs, word):
@@ -384,7 +389,7 @@ def test_wrong_types_are_type_errors():
 
 def make_check(mnist5k_fast, **kw):
     d = mnist5k_fast
-    return CatastrophicOverfittingCheck(d.x_test[:64], d.y_test[:64], eps=0.05, **kw)
+    return CatastrophicOverfittingCheck(d.x_test[:64], d.y_test[:64], EarlyStop(eps=0.05, **kw))
 
 
 def test_overfitting_check_fires_on_a_collapse_and_not_on_a_steady_run(mnist5k_fast):
@@ -445,7 +450,7 @@ def test_overfitting_check_stops_fit_keeps_the_history_and_restores_the_best_wei
 def test_overfitting_check_measures_real_pgd_accuracy_and_fires_when_weights_are_wrecked(trained):
     model = trained["standard"]
     x, y = trained["x_test"][:100], trained["y_test"][:100]
-    check = CatastrophicOverfittingCheck(x, y, eps=0.02, steps=5, drop=0.2)
+    check = CatastrophicOverfittingCheck(x, y, EarlyStop(eps=0.02, steps=5, drop=0.2))
     model.train()
     acc = check.measure(model)
     assert model.training and acc == check.measure(model), "the same attack every epoch"

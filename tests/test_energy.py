@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.energy import (cross_entropy_from_energy, energy, joint_energy, log_max_softmax_gap,
-                          max_softmax, summarize_logits)
+from utils.energy import cross_entropy_from_energy, energy, joint_energy, summarize_logits
 
 
 def test_seed_post_example_is_minus_2_4170():
@@ -46,14 +45,15 @@ def test_bounds_and_low_temperature_limit():
 def test_shift_changes_energy_not_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.1]])
     assert torch.allclose(energy(logits + 3.0), energy(logits) - 3.0)
-    assert torch.allclose(max_softmax(logits + 3.0), max_softmax(logits))
+    assert torch.allclose(F.softmax(logits + 3.0, dim=1), F.softmax(logits, dim=1))
 
 
 def test_log_confidence_is_max_logit_plus_energy():
+    # log max_k p_k = max_k f_k + E(x): confidence and energy differ by the top logit.
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(30, 10, generator=g)
-    gap = log_max_softmax_gap(logits)
-    assert torch.allclose(gap, torch.log(max_softmax(logits)), atol=1e-5)
+    gap = logits.max(dim=1).values + energy(logits)
+    assert torch.allclose(gap, F.softmax(logits, dim=1).max(dim=1).values.log(), atol=1e-5)
     assert torch.all(gap <= 0)
 
 

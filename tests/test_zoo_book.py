@@ -6,17 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import config, zoo
+from utils import cache, config, zoo
 from utils.attacks import fgsm, pgd
+from utils.defences import FastFGSM
 from utils.evaluate import evaluate, predict_logits
-from utils.train import (CatastrophicOverfittingCheck, Distillation, FastFGSM, StopTraining,
-                         TemperatureCrossEntropy, fit)
+from utils.objectives import Distillation, TemperatureCrossEntropy
+from utils.overfitting import CatastrophicOverfittingCheck, EarlyStop
+from utils.train import StopTraining, fit
 
 
 def tiny(name="tiny", **overrides):
     base = dict(name=name, arch="mlp", arch_kwargs=(("hidden", 32),), epochs=3, batch_size=100, lr=3e-3)
     base.update(overrides)
-    return zoo.ModelSpec(**base)
+    return cache.ModelSpec(**base)
 
 
 @pytest.mark.parametrize("profile", ["fast", "full"])
@@ -46,26 +48,26 @@ def test_book_spec_refuses_what_it_cannot_build():
 def test_early_stop_is_part_of_the_key_and_validated(mnist5k_fast):
     d = mnist5k_fast
     plain = tiny(objective=FastFGSM(eps=0.1))
-    guarded = tiny(objective=FastFGSM(eps=0.1), early_stop=zoo.EarlyStop(eps=0.1, steps=3))
-    recorded = tiny(objective=FastFGSM(eps=0.1), early_stop=zoo.EarlyStop(eps=0.1, steps=3, action="record"))
+    guarded = tiny(objective=FastFGSM(eps=0.1), early_stop=EarlyStop(eps=0.1, steps=3))
+    recorded = tiny(objective=FastFGSM(eps=0.1), early_stop=EarlyStop(eps=0.1, steps=3, action="record"))
     assert len({plain.key(d), guarded.key(d), recorded.key(d)}) == 3
     for bad in (dict(eps=-0.1), dict(steps=0), dict(n=0), dict(action="warn"), dict(drop=2.0)):
         with pytest.raises(ValueError):
-            zoo.EarlyStop(**bad)
+            EarlyStop(**bad)
     with pytest.raises(TypeError):
         tiny(early_stop={"eps": 0.1})
 
 
 def test_guard_measurements_are_kept_with_the_checkpoint(mnist5k_fast, tmp_path):
-    spec = tiny(objective=FastFGSM(eps=0.1), early_stop=zoo.EarlyStop(eps=0.1, steps=3, n=64, action="record"))
-    first = zoo.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False)
+    spec = tiny(objective=FastFGSM(eps=0.1), early_stop=EarlyStop(eps=0.1, steps=3, n=64, action="record"))
+    first = cache.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False)
     assert first.guard["epochs"] == [1, 2, 3] and len(first.guard["accs"]) == 3
     assert not first.stopped_early
     # the guard's accuracy is PGD on the first n training digits: recompute the last one
     check = spec.early_stop.check(mnist5k_fast.x_train, mnist5k_fast.y_train)
     assert len(check.x_check) == 64 and torch.equal(check.x_check, mnist5k_fast.x_train[:64])
     assert check.measure(first.model) == pytest.approx(first.guard["accs"][-1])
-    second = zoo.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False)
+    second = cache.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False)
     assert second.from_cache and second.guard == first.guard
 
 
@@ -78,10 +80,9 @@ class _Collapse(CatastrophicOverfittingCheck):
 
 def test_early_stop_restores_the_best_epoch(mnist5k_fast, tmp_path, monkeypatch):
     d = mnist5k_fast
-    spec = tiny(objective=FastFGSM(eps=0.1), epochs=5, early_stop=zoo.EarlyStop(eps=0.1, steps=2, n=32))
-    monkeypatch.setattr(zoo.EarlyStop, "check", lambda self, x, y: _Collapse(x[: self.n], y[: self.n], eps=self.eps,
-                                                                             steps=self.steps, drop=self.drop))
-    out = zoo.load_or_train(spec, d, device="cpu", cache=tmp_path, progress=False)
+    spec = tiny(objective=FastFGSM(eps=0.1), epochs=5, early_stop=EarlyStop(eps=0.1, steps=2, n=32))
+    monkeypatch.setattr(EarlyStop, "check", lambda self, x, y: _Collapse(x[: self.n], y[: self.n], self))
+    out = cache.load_or_train(spec, d, device="cpu", cache=tmp_path, progress=False)
     assert out.stopped_early and out.guard["stopped_at"] == 3 and out.guard["best_epoch"] == 2
     assert len(out.history) == 3  # epochs 4 and 5 never ran
     # the weights are those of epoch 2: retrain two epochs of the same run and compare

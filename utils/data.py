@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from . import config
 
@@ -201,58 +200,3 @@ def _short_reason(exc: Exception, allowed: bool, root: Path) -> str:
     if len(text) > 120:
         text = text[:117] + "..."
     return f"{type(exc).__name__}: {text}"
-
-
-# --------------------------------------------------------------------------------------------
-# Loaders
-# --------------------------------------------------------------------------------------------
-
-def make_loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, *, shuffle: bool = False, seed: int = 0
-) -> DataLoader:
-    """A ``DataLoader`` over tensors; shuffling is seeded, so two loaders built alike agree."""
-    check_images(x)
-    check_labels(y, num_classes=None, n=len(x))
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
-
-
-def train_loader(data: MNISTData, batch_size: int = 128, seed: int = 0) -> DataLoader:
-    return make_loader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed)
-
-
-def test_loader(data: MNISTData, batch_size: int = 512) -> DataLoader:
-    return make_loader(data.x_test, data.y_test, batch_size, shuffle=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks shared by attacks, training and evaluation
-# --------------------------------------------------------------------------------------------
-
-def check_images(x: torch.Tensor, *, name: str = "x", tol: float = 1e-6) -> None:
-    """Raise a clear ``ValueError`` unless ``x`` is a float image batch ``[N, C, H, W]`` in ``[0, 1]``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape [N, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor with pixels in [0, 1], got dtype {x.dtype}")
-    if x.numel() and (float(x.min()) < -tol or float(x.max()) > 1 + tol):
-        raise ValueError(
-            f"{name} has pixels outside [0, 1] (min {float(x.min()):.3g}, max {float(x.max()):.3g}); "
-            "pixels must lie in [0, 1] (normalisation belongs inside the model)"
-        )
-
-
-def check_labels(y: torch.Tensor, *, num_classes: int | None = 10, n: int | None = None, name: str = "y") -> None:
-    """Raise a clear error unless ``y`` is an integer label vector of length ``n`` with values in range."""
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
-    if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"{name} must be a 1-D integer tensor of class labels, got shape {tuple(y.shape)} and dtype {y.dtype}")
-    if n is not None and len(y) != n:
-        raise ValueError(f"{name} has {len(y)} labels but there are {n} inputs")
-    if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{name} has labels outside 0..{num_classes - 1} (min {int(y.min())}, max {int(y.max())})")

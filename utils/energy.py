@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import real
+
 
 def _check_logits(logits: torch.Tensor) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
@@ -30,10 +32,7 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _check_temperature(T: float) -> float:
-    T = float(T)
-    if not T > 0 or T != T or T == float("inf"):
-        raise ValueError(f"temperature T must be a positive finite number, got {T}")
-    return T
+    return real("temperature T", T, open_low=True)
 
 
 def energy(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
@@ -62,18 +61,6 @@ def joint_energy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def cross_entropy_from_energy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example cross-entropy written as ``E(x, y) - E(x)``; equals ``F.cross_entropy(..., reduction='none')``."""
     return joint_energy(logits, y) - energy(logits)
-
-
-def max_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """The classifier's confidence ``max_k softmax(logits)_k``."""
-    return F.softmax(_check_logits(logits), dim=-1).max(dim=-1).values
-
-
-def log_max_softmax_gap(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """``log max_k p_k = max_k f_k/T + E/T``: how confidence and energy differ (always ``<= 0``)."""
-    logits = _check_logits(logits)
-    T = _check_temperature(T)
-    return logits.max(dim=-1).values / T + energy(logits, T) / T
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,15 @@ book's contract ``attack(model, x, y) -> x_adv`` (configure it with ``functools.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import check_images, check_labels
+from .checks import check_images, check_labels, integer
+from .models import eval_mode, model_device
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,27 +35,8 @@ class Metrics:
         return f"Metrics(loss={self.loss:.4f}, acc={100 * self.acc:.2f}%, n={self.n})"
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in evaluation mode for the block, then restore the mode it had."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def _batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batch_size = integer("batch_size", batch_size)
     for i in range(0, len(x), batch_size):
         yield x[i:i + batch_size], (None if y is None else y[i:i + batch_size])
 
@@ -85,8 +66,8 @@ def evaluate(
 ) -> Metrics:
     """Cross-entropy and accuracy of ``model`` on ``(x, y)``, or on ``attack(model, x, y)`` when given.
 
-    The model is evaluated in evaluation mode and left in the mode it was in. The attack runs
-    batch by batch on the model's device.
+    The model is evaluated in evaluation mode and every module is left in the mode it was in. The
+    attack runs batch by batch on the model's device.
     """
     check_images(x)
     check_labels(y, n=len(x))
@@ -119,6 +100,33 @@ def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: in
     check_labels(y_pred, num_classes=num_classes, n=len(y_true), name="y_pred")
     idx = y_true.long().cpu() * num_classes + y_pred.long().cpu()
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def targeted_success_matrix(model: nn.Module, attack: Callable[..., torch.Tensor], x: torch.Tensor,
+                            y: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+    """``S[s, t]``: the fraction of the examples of class ``s`` that ``attack(model, x, target,
+    targeted=True)`` turns into class ``t`` (NaN on the diagonal and for classes absent from ``y``).
+
+    Every target ``t`` is tried on all examples whose class is not ``t``. ``attack`` follows the
+    book's contract with a ``targeted`` keyword (:func:`utils.attacks.fgsm`, :func:`utils.attacks.pgd`,
+    :func:`utils.attacks.cw_l2`). ``[num_classes, num_classes]`` on the CPU. Chapter 4.
+    """
+    check_images(x)
+    check_labels(y, num_classes=num_classes, n=len(x))
+    success = torch.full((num_classes, num_classes), float("nan"))
+    y_cpu = y.cpu()
+    for t in range(num_classes):
+        keep = y_cpu != t
+        if not keep.any():
+            continue
+        keep_dev = keep.to(y.device)
+        target = torch.full_like(y[keep_dev], t)
+        pred = predict(model, attack(model, x[keep_dev], target, targeted=True))
+        for s in range(num_classes):
+            from_s = y_cpu[keep] == s
+            if from_s.any():
+                success[s, t] = (pred[from_s] == t).float().mean()
+    return success
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:

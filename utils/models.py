@@ -7,7 +7,8 @@ units. Introduced in chapter 2.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -97,3 +98,36 @@ def build_model(arch: str = "cnn", **kwargs) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """For the block, let the code change ``model``'s modes; afterwards every module's ``training``
+    flag is what it was before, also when the block raises.
+
+    ``model.train(was_training)`` would not do: it puts every submodule into the one top-level mode,
+    so a BatchNorm frozen in evaluation mode inside a model in training mode would come back in
+    training mode. This records and restores the flag of each module.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Evaluation mode for the block (BatchNorm uses its running statistics, Dropout is off); then
+    every module's mode comes back as it was (:func:`kept_modes`)."""
+    with kept_modes(model):
+        model.eval()
+        yield model

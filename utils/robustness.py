@@ -7,6 +7,10 @@ again would change nothing and cost time); restarts of an attack are further att
 same kind. :func:`robustness_table` does this for several models and several attacks, and adds
 the per-example worst case over all of them, which is what a robust accuracy should report.
 
+Every adversarial example is checked against the threat model (``eps`` and ``norm``) before it
+counts: an attack that leaves the ε-ball, or the pixel box, raises an error instead of lowering the
+accuracy (RobustBench and AutoAttack check the same).
+
 Introduced in chapter 6 and used in every chapter after it.
 """
 
@@ -14,8 +18,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import tempfile
+import importlib
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,9 +30,11 @@ import torch
 from torch import nn
 
 from . import config
-from .data import check_images, check_labels
-from .evaluate import eval_mode, model_device
-from .train import _count
+from .cache import code_fingerprint
+from .checks import (NORMS, atomic_write, check_images, check_in_ball, check_labels, choice, integer,
+                     perturbation_size, real)
+from .evaluate import predict
+from .models import eval_mode, model_device
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,8 +45,8 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   attacks: Attack | Sequence[Attack] = (), *, restarts: int = 1,
-                   batch_size: int = 500, key: str | None = None) -> torch.Tensor:
+                   attacks: Attack | Sequence[Attack] = (), *, eps: float | None = None, norm: str = "linf",
+                   restarts: int = 1, batch_size: int = 500, key: str | None = None) -> torch.Tensor:
     """``[N]`` booleans: is example ``i`` classified correctly clean *and* after every attack?
 
     ``attacks`` is one attack or a sequence of them, each a callable ``attack(model, x, y) ->
@@ -48,34 +54,47 @@ def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     start each time). Each run sees only the examples that are still correctly classified, and
     an example's result is its worst case so far. With no attack this is the clean correctness.
 
+    ``eps`` and ``norm`` (``"linf"`` or ``"l2"``) are the threat model, required with any attack:
+    every adversarial example must lie in the pixel box and within ``eps`` of its clean example
+    (:func:`utils.checks.check_in_ball`), or a ``ValueError`` says which attack left the ball.
+
     The model runs in evaluation mode on its own device and is left in the mode it was in. The
     result is on the CPU.
 
     ``key`` (optional): the model's cache key (:attr:`utils.zoo.TrainedModel.key`). When it is
-    given and every attack can be described (:func:`describe_attack`), the result is kept under
-    ``ADVBOOK_CACHE/robustness`` and read back the next time the same model meets the same attacks
-    on the same digits, in this chapter or a later one. Delete that folder to measure again.
+    given and every attack can be described exactly (:func:`describe_attack`), the result is kept
+    under ``ADVBOOK_CACHE/robustness`` and read back the next time the same model meets the same
+    attacks on the same digits, in this chapter or a later one. The memo's key includes a
+    fingerprint of the attack code, so a change to it measures again. Delete that folder to
+    measure again by hand.
     """
-    return _robust_correct(model, x, y, attacks, restarts=restarts, batch_size=batch_size, key=key)[0]
+    return _robust_correct(model, x, y, attacks, eps=eps, norm=norm, restarts=restarts,
+                           batch_size=batch_size, key=key)[0]
 
 
-def _robust_correct(model, x, y, attacks, *, restarts, batch_size, key) -> tuple[torch.Tensor, bool]:
+def _robust_correct(model, x, y, attacks, *, eps, norm, restarts, batch_size, key) -> tuple[torch.Tensor, bool]:
     """:func:`robust_correct`, and whether the result was read from the memo."""
     check_images(x)
     check_labels(y, n=len(x))
-    restarts = _count("restarts", restarts)
-    batch_size = _count("batch_size", batch_size)
+    restarts = integer("restarts", restarts)
+    batch_size = integer("batch_size", batch_size)
+    norm = choice("norm", norm, NORMS)
     if callable(attacks):
         attacks = [attacks]
     attacks = list(attacks)
     for a in attacks:
         if not callable(a):
             raise TypeError(f"every attack must be callable as attack(model, x, y), got {type(a).__name__}")
+    if attacks and eps is None:
+        raise ValueError("robust_correct needs the threat model of its attacks: eps=... (and norm='linf' or "
+                         "'l2'), so that every adversarial example can be checked against its ball")
+    if eps is not None:
+        eps = real("eps", eps)
     memo = None
     if key is not None and attacks:
         texts = [describe_attack(a) for a in attacks]
         if all(t is not None for t in texts):
-            memo = _memo_path(str(key), " + ".join(texts), restarts, x, y)
+            memo = _memo_path(str(key), " + ".join(texts), f"{norm} {eps!r}", restarts, x, y)
             ok = _memo_load(memo, len(x))
             if ok is not None:
                 return ok, True
@@ -92,49 +111,104 @@ def _robust_correct(model, x, y, attacks, *, restarts, batch_size, key) -> tuple
                     sel = idx[start:start + batch_size]
                     xb, yb = x[sel].to(device), y[sel].to(device)
                     x_adv = attack(model, xb, yb)
-                    check_images(x_adv, name="the attack's output")
+                    check_in_ball(x_adv, xb, eps, norm, name=f"the output of {_name(attack)}")
                     standing[sel] = _correct(model, x_adv, yb).cpu()
     if memo is not None:
         _memo_save(memo, standing)
     return standing, False
 
 
+def _name(attack) -> str:
+    func = attack.func if isinstance(attack, functools.partial) else attack
+    return getattr(func, "__qualname__", type(func).__name__)
+
+
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    attacks: Attack | Sequence[Attack] = (), *, restarts: int = 1,
-                    batch_size: int = 500) -> float:
+                    attacks: Attack | Sequence[Attack] = (), *, eps: float | None = None, norm: str = "linf",
+                    restarts: int = 1, batch_size: int = 500) -> float:
     """The fraction of :func:`robust_correct` (the worst case per example over every attack)."""
-    return robust_correct(model, x, y, attacks, restarts=restarts, batch_size=batch_size).float().mean().item()
+    return robust_correct(model, x, y, attacks, eps=eps, norm=norm, restarts=restarts,
+                          batch_size=batch_size).float().mean().item()
 
 
 def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, make_attack: Callable[[float], Attack],
-                    eps_values: Sequence[float], *, restarts: int = 1, batch_size: int = 500) -> list[float]:
-    """Robust accuracy at every ε of ``eps_values``; ``make_attack(eps)`` returns the attack at ε.
+                    eps_values: Sequence[float], *, norm: str = "linf", restarts: int = 1,
+                    batch_size: int = 500) -> list[float]:
+    """Robust accuracy at every ε of ``eps_values``; ``make_attack(eps)`` returns the attack at ε,
+    whose outputs are checked against the ``norm`` ball of radius ε.
 
     ε = 0 means no attack (the clean accuracy). Negative ε values are refused.
     """
     out = []
     for eps in eps_values:
-        eps = float(eps)
-        if not eps >= 0.0:
-            raise ValueError(f"every eps must be >= 0, got {eps}")
+        eps = real("every eps", eps)
         attacks = [] if eps == 0.0 else [make_attack(eps)]
-        out.append(robust_accuracy(model, x, y, attacks, restarts=restarts, batch_size=batch_size))
+        out.append(robust_accuracy(model, x, y, attacks, eps=eps, norm=norm, restarts=restarts,
+                                   batch_size=batch_size))
     return out
+
+
+def minimal_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *,
+                  norm: str = "l2") -> torch.Tensor:
+    """Per example, the size of the perturbation an attack that searches for the *smallest* one
+    (:func:`utils.attacks.cw_l2`) needed: ``[N]`` on the CPU.
+
+    ``‖x_adv − x‖`` in ``norm`` where ``x_adv`` is misclassified, ``inf`` where the attack found
+    nothing (it returned a correctly classified point), and 0 where ``x`` is misclassified already.
+    :func:`accuracy_from_norms` turns these into robust accuracy at any ε.
+    """
+    check_images(x)
+    check_labels(y, n=len(x))
+    size = perturbation_size(x_adv, x, norm).cpu()
+    y_cpu = y.cpu()
+    out = torch.where(predict(model, x_adv) != y_cpu, size, torch.tensor(math.inf))
+    out[predict(model, x) != y_cpu] = 0.0
+    return out
+
+
+def accuracy_from_norms(norms: torch.Tensor, eps: float | Sequence[float]) -> float | list[float]:
+    """The accuracy an attacker limited to ``‖δ‖ ≤ eps`` gets from the minimal norms of
+    :func:`minimal_norms`: the fraction of examples whose norm is larger than ``eps`` (an upper
+    bound on the true robust accuracy, since a smaller perturbation may exist). A list for a list of ε."""
+    norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
+    if norms.numel() == 0:
+        raise ValueError("accuracy_from_norms needs at least one norm")
+    if isinstance(eps, (list, tuple)):
+        return [accuracy_from_norms(norms, e) for e in eps]
+    eps = real("eps", eps)
+    return float((norms > eps).double().mean())
 
 
 # --------------------------------------------------------------------------------------------
 # A memo of per-example results, so that the same model under the same attack is measured once
 # --------------------------------------------------------------------------------------------
 
-def describe_attack(attack: Attack) -> str | None:
-    """A text that identifies ``attack``, or None when it cannot be described reliably.
+#: The code whose fingerprint is part of every memo key: the attacks, and how they are run here.
+ATTACK_CODE = ("utils.attacks", "utils.checks", "utils.models", "utils.robustness")
 
-    A ``functools.partial`` of a library function with plain arguments (numbers, strings,
-    booleans, None) is described by the function's qualified name and the arguments; anything
-    else (a lambda, a closure, an argument such as a random generator whose state matters) is
-    not, and is never memoised.
+
+def describe_attack(attack: Attack) -> str | None:
+    """A text that identifies ``attack`` exactly, or None when it cannot be described.
+
+    Only a ``functools.partial`` of one of the book's own attack functions (a module-level
+    function of :mod:`utils`, found again under its module and name) with plain arguments (numbers,
+    strings, booleans, None) is described: by that name and the arguments. Anything else is not,
+    and is never memoised: a lambda or a closure (two of them can share a name and their keywords
+    and still do different things), a function from outside the book (its code is not
+    fingerprinted), or an argument such as a random generator whose state matters.
     """
-    if not isinstance(attack, functools.partial) or not hasattr(attack.func, "__qualname__"):
+    if not isinstance(attack, functools.partial):
+        return None
+    func = attack.func
+    module, name = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(name, str) or not module.startswith("utils."):
+        return None
+    if "<" in name or "." in name:  # a lambda, a closure or a method
+        return None
+    try:
+        if getattr(importlib.import_module(module), name) is not func:
+            return None
+    except (ImportError, AttributeError):
         return None
     plain = (int, float, str, bool, type(None))
     if not all(isinstance(a, plain) for a in attack.args):
@@ -149,8 +223,10 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _memo_path(model_key: str, attack_text: str, restarts: int, x: torch.Tensor, y: torch.Tensor) -> Path:
-    blob = "|".join([model_key, attack_text, str(restarts), _tensor_digest(x), _tensor_digest(y)])
+def _memo_path(model_key: str, attack_text: str, threat: str, restarts: int, x: torch.Tensor,
+               y: torch.Tensor) -> Path:
+    blob = "|".join([model_key, attack_text, threat, str(restarts), code_fingerprint(ATTACK_CODE),
+                     _tensor_digest(x), _tensor_digest(y)])
     return config.cache_dir("robustness") / (hashlib.sha256(blob.encode()).hexdigest()[:24] + ".pt")
 
 
@@ -168,14 +244,7 @@ def _memo_load(path: Path, n: int) -> torch.Tensor | None:
 
 
 def _memo_save(path: Path, ok: torch.Tensor) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(ok.clone(), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(ok.clone(), tmp))
 
 
 @dataclass
@@ -237,13 +306,15 @@ class RobustnessTable:
 
 
 def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
-                     attacks: Mapping[str, Attack | tuple[Attack, int]], *, batch_size: int = 500,
-                     progress: bool = False, keys: Mapping[str, str] | None = None) -> RobustnessTable:
+                     attacks: Mapping[str, Attack | tuple[Attack, int]], *, eps: float, norm: str = "linf",
+                     batch_size: int = 500, progress: bool = False,
+                     keys: Mapping[str, str] | None = None) -> RobustnessTable:
     """Clean and robust accuracy of every model under every attack, and the worst case over them.
 
     ``attacks`` maps a column name to an attack, or to ``(attack, restarts)``. Each attack is run
     against every example that was correct clean (so columns are comparable), and the worst-case
-    column combines them per example.
+    column combines them per example. Every attack shares the threat model ``eps``/``norm``, and each
+    adversarial example is checked against it (:func:`robust_correct`).
 
     ``keys`` (optional) maps a model's name to its cache key (:attr:`utils.zoo.TrainedModel.key`);
     each column is then memoised as ``robust_correct(..., key=...)`` describes, and the columns
@@ -256,7 +327,7 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
         if name in ("clean", "worst case"):
             raise ValueError(f"{name!r} is a reserved column name")
         attack, restarts = a if isinstance(a, tuple) else (a, 1)
-        specs[name] = (attack, _count(f"restarts of {name!r}", restarts))
+        specs[name] = (attack, integer(f"restarts of {name!r}", restarts))
     acc: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     reused: dict[str, list[str]] = {}
@@ -267,8 +338,8 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
         row = {"clean": clean.float().mean().item()}
         for a_name, (attack, restarts) in specs.items():
             key = None if keys is None else keys.get(m_name)
-            ok, was_reused = _robust_correct(model, x, y, [attack], restarts=restarts, batch_size=batch_size,
-                                             key=key)
+            ok, was_reused = _robust_correct(model, x, y, [attack], eps=eps, norm=norm, restarts=restarts,
+                                             batch_size=batch_size, key=key)
             if was_reused:
                 reused.setdefault(m_name, []).append(a_name)
             row[a_name] = ok.float().mean().item()
