@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
-from utils import attacks, config, data, zoo  # noqa: E402
+from utils import attacks, cache, config, data, zoo  # noqa: E402
 from utils.evaluate import accuracy  # noqa: E402
 
 EPS = 0.3            # L∞ budget of the MNIST literature (Madry et al. 2018)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     config.seed_everything(0)
 
     mnist = data.load_mnist(profile)
-    trained = zoo.load_or_train(zoo.standard_spec(profile), mnist, device=device, progress=False)
+    trained = cache.load_or_train(zoo.standard_spec(profile), mnist, device=device, progress=False)
     model = trained.model.eval()
     n = min(args.batch, len(mnist.y_test))
     x, y = mnist.x_test[:n].to(device), mnist.y_test[:n].to(device)

@@ -1,6 +1,7 @@
 """The committed notebooks are what the book renders: they must be fully executed, in order, without errors,
 say which data they ran on, and be exactly the chapters the table of contents lists."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -72,3 +73,29 @@ def test_committed_outputs_come_from_the_full_profile_and_name_their_data(path):
         pytest.skip("this chapter uses no data")
     assert "profile: full" in text, f"{path.name}: committed outputs must come from the full profile"
     assert "MNIST" in text, f"{path.name}: no output says which data the results came from"
+
+
+#: A number at float rounding-noise level (1e-10 and below, in scientific notation), or a negative zero:
+#: what one CPU prints there another CPU, thread count or PyTorch build prints differently.
+_NOISE = re.compile(r"(?<![\w.])-?\d\.\d+e-(?:1\d|[2-9]\d|\d{3})\b|(?<![\w.])-0(?:\.0+)?(?![\d.])")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_checked_outputs_print_nothing_at_rounding_noise_level(path):
+    """A `# NBVAL_CHECK_OUTPUT` cell's output is compared verbatim on every machine that runs the suite,
+    so it may only print rounded, platform-stable values."""
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "NBVAL_CHECK_OUTPUT" not in cell.source:
+            continue
+        for out in cell.get("outputs", []):
+            text = out.get("text", "") if out.get("output_type") == "stream" else \
+                str(out.get("data", {}).get("text/plain", ""))
+            found = _NOISE.findall(text)
+            assert not found, f"{path.name}: checked cell {i} prints values at rounding-noise level: {found}"
+
+
+def test_the_noise_pattern_catches_what_it_must():
+    assert _NOISE.search("energy pairing 2.0e-31, logit pairing 49.480")
+    assert _NOISE.search("g = -0.0")
+    assert not _NOISE.search("x' = 5.0e-07, t = 0.0, 1e-6, step 10.0, [0.0, 1.0, -1.0]")

@@ -152,14 +152,14 @@ class PGDAdversarial(_InnerPGD):
 
 
 @dataclass(frozen=True)
-class FastFGSM(_InnerPGD):
+class FastFGSM(PGDAdversarial):
     """Fast adversarial training: one FGSM step from a random start ("FGSM-RS").
 
     For every batch: ``δ`` uniform in ``[−ε, ε]^d`` (``x + δ`` clipped to [0, 1]), one step
     ``δ ← δ + α·sign(∇_δ CE(f(x + δ), y))``, then ``δ`` is projected onto the ε-ball and ``x + δ``
     onto the pixel box; the loss is the mean cross-entropy on ``x + δ``. That is
-    :func:`utils.attacks.pgd` with ``steps=1`` and ``random_start=True``, and this objective runs
-    exactly that. ``alpha=None`` means ``1.25·eps``, the paper's choice.
+    :class:`PGDAdversarial` with ``steps=1`` and ``random_start=True`` (fixed here), and this
+    objective is exactly that. ``alpha=None`` means ``1.25·eps``, the paper's choice.
 
     With larger steps, or without the random start, training can fall into *catastrophic
     overfitting*: within a few steps the model becomes robust to FGSM and not at all to PGD.
@@ -176,21 +176,12 @@ class FastFGSM(_InnerPGD):
     eps: float = 0.3
     alpha: float | None = None
     warmup: float = 0.0
-    steps: int = field(default=1, init=False)
-    random_start: bool = field(default=True, init=False)
-    norm: str = field(default="linf", init=False)
-
-    def __post_init__(self):
-        self._check_attack()
+    steps: int = field(default=1, init=False, repr=False)
+    random_start: bool = field(default=True, init=False, repr=False)
+    norm: str = field(default="linf", init=False, repr=False)
 
     def _default_alpha(self) -> float:
         return 1.25 * self.eps
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, progress: float = 1.0) -> StepOutput:
-        x_adv, eps = self.adversarial(model, x, y, progress)
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y)
-        return StepOutput(loss, logits, {"ce_adv": loss.item(), "eps": eps})
 
     def spec(self) -> dict:
         return {"objective": "fast_fgsm", "attack": "fgsm_random_start", "eps": self.eps,
