@@ -13,6 +13,7 @@ Images are ``float32`` tensors of shape ``[N, 1, 28, 28]`` with pixels in ``[0, 
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ SOURCE_NAMES = {
 MNIST5K_TEST_PER_CLASS = 100
 #: The seed of that split. Part of the data's identity: changing it changes every cache key.
 SPLIT_SEED = 0
+#: The sizes (train, test) of torchvision's MNIST. Files of any other size are not used.
+MNIST_SIZES = (60_000, 10_000)
 
 
 class DataUnavailable(RuntimeError):
@@ -106,8 +109,11 @@ def _load_torchvision(root: Path, download: bool, timeout: float) -> MNISTData:
         socket.setdefaulttimeout(old)
     x_train, y_train = _to_tensors(train.data.numpy(), train.targets.numpy())
     x_test, y_test = _to_tensors(test.data.numpy(), test.targets.numpy())
-    if len(y_train) != 60000 or len(y_test) != 10000:
-        raise RuntimeError(f"unexpected MNIST sizes {len(y_train)} / {len(y_test)}")
+    if (len(y_train), len(y_test)) != tuple(MNIST_SIZES):
+        raise RuntimeError(
+            f"unexpected MNIST sizes {len(y_train):,} / {len(y_test):,} "
+            f"(expected {MNIST_SIZES[0]:,} / {MNIST_SIZES[1]:,})"
+        )
     return MNISTData(x_train, y_train, x_test, y_test, source=MNIST)
 
 
@@ -192,11 +198,21 @@ def load_mnist(
 
 
 def _short_reason(exc: Exception, allowed: bool, root: Path) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """One line saying why torchvision's MNIST could not be used; it names no folder of this machine."""
+    full = str(exc).strip()
+    text = full.splitlines()[0] if full else type(exc).__name__
     if not allowed and "not found" in text.lower():
-        return f"not cached in {root} and downloads are off"
+        return "not cached and downloads are off"
     if "error downloading" in text.lower():
-        return f"not cached in {root} and the download failed: no network?"
+        # torchvision's message: "Error downloading FILE:" then, per mirror, "Tried URL, got:" and the error.
+        errors = [line.strip() for line in full.splitlines()[1:] if line.strip() and not line.startswith("Tried ")]
+        if any("corrupted" in e.lower() for e in errors):
+            return "not cached and the download failed its checksum"
+        why = re.sub(r"^<urlopen error (.*)>$", r"\1", errors[-1]) if errors else "no network?"
+        return f"not cached and the download failed: {why[:80]}"
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror  # without the file name
+    text = text.replace(str(root), "the data folder")
     if len(text) > 120:
         text = text[:117] + "..."
-    return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
