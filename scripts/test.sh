@@ -26,13 +26,18 @@ bash scripts/build_book.sh
 # The notebooks train their models afresh in a cache of the test run's own (data stays cached).
 export ADVBOOK_PROFILE=fast
 # One thread per process: on a machine shared with other jobs, two PyTorch threads stall each other
-# (small attack batches ran up to 10 times slower); the suite runs its steps one after another anyway.
+# (small attack batches ran up to 10 times slower). Instead, pytest-xdist runs the test files in
+# ADVBOOK_TEST_WORKERS processes (default: 2, the cores of the project's machines; 1 runs them one
+# after another). Each notebook stays in one worker (--dist loadscope), and two notebooks that need the
+# same model wait for each other on the model cache's lock instead of both training it.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+WORKERS="${ADVBOOK_TEST_WORKERS:-2}"
 export ADVBOOK_CACHE="${ADVBOOK_TEST_CACHE:-$ROOT/.cache/test}"
 rm -rf "$ADVBOOK_CACHE/models"
 
 set +e
-"$PY" -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider -rs "$@"
+"$PY" -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider -rs \
+  -n "$WORKERS" --dist loadscope "$@"
 STATUS=$?
 set -e
 echo "test suite finished in $(( $(date +%s) - START )) s (exit $STATUS)"
