@@ -1,7 +1,7 @@
 """What every attack of the book shares: the losses it can climb, the checks at its boundary, leaving
 the model as it was found, random points in the ε-ball, and one forward-and-backward pass for the
 gradient with respect to the input. The attacks themselves live in :mod:`.gradient` (FGSM, PGD),
-:mod:`.cw` (Carlini & Wagner) and :mod:`.noise` (random noise).
+:mod:`.apgd` (APGD and its DLR loss), :mod:`.cw` (Carlini & Wagner) and :mod:`.noise` (random noise).
 """
 
 from __future__ import annotations
