@@ -8,13 +8,13 @@ Run by hand (not a test)::
 On the chapter-2 model (``utils.zoo.standard_spec()``, trained once and cached) and a fixed batch
 of test digits it measures, in one run and on the same batch:
 
-* throughput (images per second) of our FGSM, PGD-10, PGD-40 and CW against torchattacks' FGSM,
-  PGD (same eps, alpha, steps, random start) and CW (same c, kappa, steps, lr; ours with one
-  binary-search step, the same budget), and the ratio ours / theirs (>= 1: ours is at least as
-  fast);
+* throughput (images per second) of our FGSM, PGD-10, PGD-40, APGD-100 and CW against
+  torchattacks' FGSM, PGD (same eps, alpha, steps, random start), APGD (same eps, steps,
+  cross-entropy loss, one run) and CW (same c, kappa, steps, lr; ours with one binary-search
+  step, the same budget), and the ratio ours / theirs (>= 1: ours is at least as fast);
 * the floor: the time of one forward and backward pass with respect to the input on the same
-  batch (the cost no PGD step can avoid), and our PGD-k time divided by the time of k such
-  passes in a row, timed the same way: the overhead of our loop (1.00 would be none at all).
+  batch (the cost no PGD step can avoid), and our PGD-k (APGD-k) time divided by the time of k
+  such passes in a row, timed the same way: the overhead of our loop (1.00 would be none at all).
 
 Every timing is the best of ``--repeats`` runs after a warm-up run, with ours and theirs
 interleaved so that a noisy machine hurts both alike; on a GPU each run is bracketed by
@@ -46,6 +46,7 @@ from utils.evaluate import accuracy  # noqa: E402
 
 EPS = 0.3            # L∞ budget of the MNIST literature (Madry et al. 2018)
 CW = dict(c=1.0, kappa=0.0, steps=100, lr=0.1)
+APGD_STEPS = 100     # Croce & Hein's budget
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("FGSM", functools.partial(attacks.fgsm, eps=EPS), torchattacks.FGSM(model, eps=EPS), 1),
         ("PGD-10", *pgd_pair(10)),
         ("PGD-40", *pgd_pair(40)),
+        (f"APGD-{APGD_STEPS} (CE)", functools.partial(attacks.apgd, eps=EPS, steps=APGD_STEPS, loss="ce"),
+         torchattacks.APGD(model, eps=EPS, steps=APGD_STEPS, loss="ce", n_restarts=1), APGD_STEPS),
         (f"CW-{CW['steps']} (one c)", functools.partial(attacks.cw_l2, binary_search_steps=1, **CW),
          torchattacks.CW(model, **CW), None),
     ]
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     floor_per_step = []
     for name, ours, theirs, steps in pairs:
         call_ours = lambda: ours(model, x, y)
-        call_theirs = lambda: theirs(x, y)
+        call_theirs = lambda: theirs(x, y).detach()  # torchattacks' APGD returns a tensor that requires grad
         call_floor = (lambda: floor_block(steps)) if steps else None
         x_ours, x_theirs = call_ours(), call_theirs()  # warm-up, and the results we report
         if call_floor:
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{r['attack']}: {1e3 * r['ours_s']:.1f} ms / {r['steps']} input-gradient step(s) in a row "
                   f"{1e3 * r['floor_s']:.1f} ms = {r['overhead_vs_floor']:.3f}")
     slow = [r["attack"] for r in rows if r["ratio"] < 1.0]
-    heavy = [r["attack"] for r in rows if r["steps"] and r["steps"] > 1 and r["overhead_vs_floor"] > 1.10]
+    heavy = [r["attack"] for r in rows if r["attack"].startswith("PGD") and r["overhead_vs_floor"] > 1.10]
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     # the load average counts this run's own threads too; more than that means competition
     if device.type == "cpu" and load_after is not None and max(load_before, load_after) > torch.get_num_threads() + 0.5:
@@ -243,8 +246,8 @@ def markdown_report(result: dict) -> str:
         "",
         *lines,
         "",
-        "Overhead of our PGD loop over the same number of bare forward-backward passes with respect to the "
-        "input (1.00 would be no overhead): " + ", ".join(over) + ".",
+        "Overhead of our PGD and APGD loops over the same number of bare forward-backward passes with respect "
+        "to the input (1.00 would be no overhead): " + ", ".join(over) + ".",
         "",
         f"Measured on {result['device']} ({result['platform']}), {result['threads']} thread(s), torch "
         f"{result['torch']}, batch of {result['batch']} digits, best of {result['repeats']} runs, {clock}; "

@@ -1,4 +1,4 @@
-"""Adversarial attacks: FGSM, PGD (L∞ and L2), Carlini & Wagner L2, and random noise.
+"""Adversarial attacks: FGSM, PGD and APGD (L∞ and L2), Carlini & Wagner L2, and random noise.
 
 Every attack has the same contract::
 
@@ -17,10 +17,11 @@ Every attack has the same contract::
 * Configure an attack with keywords or ``functools.partial(pgd, eps=0.3, steps=40)``: every loop
   of the book (:func:`utils.evaluate.evaluate`, adversarial training) takes it as a plain callable.
 
-Chapters: FGSM in chapter 3, PGD in chapter 4, Carlini & Wagner in chapter 5; random noise is the
-baseline of chapter 2.
+Chapters: FGSM in chapter 3, PGD in chapter 4, Carlini & Wagner in chapter 5, APGD (and its DLR
+loss) in chapter 9; random noise is the baseline of chapter 2.
 """
 
+from .apgd import APGDTrace, apgd, apgd_checkpoints, apgd_targeted, apgd_trace, dlr_loss, dlr_targeted_loss
 from .core import LOSSES, NORMS, cross_entropy_loss, margin_loss
 from .cw import cw_l2
 from .gradient import PGDTrace, fgsm, pgd, pgd_trace
@@ -28,5 +29,6 @@ from .noise import random_noise
 
 __all__ = [
     "fgsm", "pgd", "pgd_trace", "PGDTrace", "cw_l2", "random_noise",
-    "margin_loss", "cross_entropy_loss", "LOSSES", "NORMS",
+    "apgd", "apgd_targeted", "apgd_trace", "APGDTrace", "apgd_checkpoints",
+    "margin_loss", "cross_entropy_loss", "dlr_loss", "dlr_targeted_loss", "LOSSES", "NORMS",
 ]

@@ -1,7 +1,7 @@
 """What every attack of the book shares: the losses it can climb, the checks at its boundary, leaving
 the model as it was found, random points in the ε-ball, and one forward-and-backward pass for the
 gradient with respect to the input. The attacks themselves live in :mod:`.gradient` (FGSM, PGD),
-:mod:`.cw` (Carlini & Wagner) and :mod:`.noise` (random noise).
+:mod:`.apgd` (APGD and its DLR loss), :mod:`.cw` (Carlini & Wagner) and :mod:`.noise` (random noise).
 """
 
 from __future__ import annotations
@@ -60,14 +60,16 @@ LOSSES: dict[str, LossFn] = {"ce": cross_entropy_loss, "margin": margin_loss}
 # Checks at the boundary (the argument checks themselves are in utils.checks)
 # --------------------------------------------------------------------------------------------
 
-def loss_fn_of(loss: Loss) -> LossFn:
+def loss_fn_of(loss: Loss, losses: dict[str, LossFn] = LOSSES) -> LossFn:
+    """The loss function named by ``loss`` in ``losses`` (an attack's own table), or ``loss`` itself
+    when it is a callable."""
     if isinstance(loss, str):
-        if loss.lower() not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))} or a callable "
+        if loss.lower() not in losses:
+            raise ValueError(f"loss must be one of {', '.join(map(repr, losses))} or a callable "
                              f"loss(logits, y) -> [N], got {loss!r}")
-        return LOSSES[loss.lower()]
+        return losses[loss.lower()]
     if not callable(loss):
-        raise TypeError(f"loss must be a name ({', '.join(map(repr, LOSSES))}) or a callable "
+        raise TypeError(f"loss must be a name ({', '.join(map(repr, losses))}) or a callable "
                         f"loss(logits, y) -> [N], got {type(loss).__name__}")
     return loss
 
@@ -175,13 +177,13 @@ def ball_delta(like: torch.Tensor, eps: float, norm: str, generator: torch.Gener
 
 
 def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-                    targeted: bool, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    targeted: bool, check: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward and one backward pass: the gradient of the attack objective w.r.t. ``x_adv``.
 
     The objective is ``sum_i loss_i`` (untargeted: push the loss of the true class up) or
     ``-sum_i loss_i`` (targeted: pull the loss of the target class down). Summing, not averaging,
     keeps every example's gradient independent of the batch size. Returns the gradient (a fresh
-    tensor the caller may overwrite) and the per-example loss (detached).
+    tensor the caller may overwrite), the per-example loss and the logits (both detached).
     """
     x_adv.requires_grad_(True)
     logits = model(x_adv)
@@ -192,4 +194,4 @@ def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_
         check_loss_value(loss, len(y))
     total = loss.sum()
     (grad,) = torch.autograd.grad(-total if targeted else total, x_adv)
-    return grad, loss.detach()
+    return grad, loss.detach(), logits.detach()

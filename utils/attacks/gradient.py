@@ -38,7 +38,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
     device = model_device(model)
     with attacking(model):
         x0, y0 = x.detach().to(device), y.to(device=device, dtype=torch.long)
-        grad, _ = input_gradient(model, x0.clone(), y0, loss_fn, targeted, check=True)
+        grad, _, _ = input_gradient(model, x0.clone(), y0, loss_fn, targeted, check=True)
         x_adv = x0.add(grad.sign_(), alpha=eps).clamp_(0.0, 1.0)
     return x_adv.to(x.device)
 
@@ -111,7 +111,7 @@ def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, alpha, step
 
             # ---- the loop: one forward and one backward pass per step, nothing else heavy ----
             for t in range(steps):
-                grad, loss_t = input_gradient(model, x_adv, y0, loss_fn, targeted, check=(r == 0 and t == 0))
+                grad, loss_t, _ = input_gradient(model, x_adv, y0, loss_fn, targeted, check=(r == 0 and t == 0))
                 if losses is not None:
                     losses[t] = loss_t
                 x_adv = x_adv.detach()
