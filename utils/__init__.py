@@ -1,8 +1,12 @@
 """Shared code of the book *Adversarial Robustness, Run and Measured*.
 
-Modules, one per topic: :mod:`config`, :mod:`data`, :mod:`models`, :mod:`train`, :mod:`evaluate`,
-:mod:`zoo`, :mod:`energy`, :mod:`attacks`, :mod:`plot`, :mod:`widgets`. Every chapter imports
-from here, so the book and the library never disagree.
+Modules, one idea each: :mod:`config` (profiles, seeds, device, cache folder), :mod:`checks`
+(argument and threat-model checks), :mod:`data`, :mod:`models`, :mod:`attacks` (a package: FGSM,
+PGD, APGD, Carlini & Wagner, noise), :mod:`train` (the loop), :mod:`objectives` and
+:mod:`defences` (what the loop minimises), :mod:`overfitting`, :mod:`evaluate`, :mod:`robustness`,
+:mod:`cache` (trained models on disk), :mod:`zoo` (the book's model recipes), :mod:`energy`,
+:mod:`plot`, :mod:`widgets`. Every chapter imports from here, so the book and the library never
+disagree.
 """
 
 __version__ = "0.1.0"
