@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import config, data
+from utils import config
 from utils.checks import check_images, check_labels
 from utils.data import MNIST, MNIST5K, DataUnavailable, load_mnist
 from utils.train import make_loader

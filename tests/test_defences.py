@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import cache, zoo
+from utils import cache
 from utils.attacks import pgd
 from utils.defences import (EnergyPairing, FastFGSM, LogitPairing, PGDAdversarial, energy_pairing_loss, energy_weights,
                             logit_pairing_loss)

@@ -1,13 +1,11 @@
 """The book's model registry, early stopping inside the cache, and defensive distillation."""
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from utils import cache, config, zoo
-from utils.attacks import fgsm, pgd
+from utils.attacks import pgd
 from utils.defences import FastFGSM
 from utils.evaluate import evaluate, predict_logits
 from utils.objectives import Distillation, TemperatureCrossEntropy
