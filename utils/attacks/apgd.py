@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from ..checks import NORMS, choice, integer, real
-from ..models import model_device
-from .core import (NORM_FLOOR, Loss, LossFn, attacking, ball_delta, check_inputs, check_output,
+from .core import (NORM_FLOOR, Loss, LossFn, attacking_batch, ball_delta, check_inputs, check_output,
                    cross_entropy_loss, generator_or_none, input_gradient, loss_fn_of, margin_loss,
                    per_example)
 
@@ -296,9 +295,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm
     check_inputs(model, x, y)
     if len(x) == 0:
         return x.clone()
-    device = model_device(model)
-    with attacking(model):
-        x0, y0 = x.detach().to(device), y.to(device=device, dtype=torch.long)
+    with attacking_batch(model, x, y) as (x0, y0):
         logits = _clean_logits(model, x0, y0, 3 if loss_fn is dlr_loss else 2, "the DLR loss")
         x_adv = _until_broken(model, x0, y0, logits, [lambda idx: loss_fn] * restarts, **kw)
     return x_adv.to(x.device)
@@ -332,9 +329,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     check_inputs(model, x, y)
     if len(x) == 0:
         return x.clone()
-    device = model_device(model)
-    with attacking(model):
-        x0, y0 = x.detach().to(device), y.to(device=device, dtype=torch.long)
+    with attacking_batch(model, x, y) as (x0, y0):
         logits = _clean_logits(model, x0, y0, 4, "apgd_targeted (the targeted DLR loss)")
         k = logits.shape[1]
         if n_targets > k - 1:
@@ -394,8 +389,6 @@ def apgd_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     checkpoints = apgd_checkpoints(kw["steps"])
     if len(x) == 0:
         return APGDTrace(x.clone(), x.new_zeros(kw["steps"] + 1, 0), x.new_zeros(kw["steps"], 0), checkpoints)
-    device = model_device(model)
-    with attacking(model):
-        x0, y0 = x.detach().to(device), y.to(device=device, dtype=torch.long)
+    with attacking_batch(model, x, y) as (x0, y0):
         run = _run(model, x0, y0, loss_fn, check=True, record=True, **kw)
     return APGDTrace(run.x_adv.to(x.device), run.losses.to(x.device), run.step_sizes.to(x.device), checkpoints)

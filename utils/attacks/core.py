@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import NORMS, check_images, check_labels
-from ..models import kept_modes
+from ..models import kept_modes, model_device
 
 #: A loss for PGD/FGSM: ``loss(logits [N, K], y [N]) -> [N]``, one value per example.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -132,6 +132,15 @@ def attacking(model: nn.Module) -> Iterator[None]:
         finally:
             for p, f in flags:
                 p.requires_grad_(f)
+
+
+@contextlib.contextmanager
+def attacking_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`attacking` for the block, which receives the batch on the model's device: ``x``
+    detached (the caller's tensor is never modified) and ``y`` as int64 labels."""
+    device = model_device(model)
+    with attacking(model):
+        yield x.detach().to(device), y.to(device=device, dtype=torch.long)
 
 
 def per_example(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

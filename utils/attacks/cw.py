@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..checks import flag, integer, real
-from ..models import model_device
-from .core import attacking, check_inputs, check_output, margin_loss, per_example
+from .core import attacking_batch, check_inputs, check_output, margin_loss, per_example
 
 
 def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0, kappa: float = 0.0,
@@ -62,10 +61,9 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0,
     if len(x) == 0:
         return x.clone()
 
-    device = model_device(model)
     check_every = max(steps // 10, 1)
-    with attacking(model):
-        x0, y0 = x.detach().to(device), y.to(device=device, dtype=torch.long)
+    with attacking_batch(model, x, y) as (x0, y0):
+        device = x0.device
         n = len(x0)
         w0 = torch.atanh((2 * x0 - 1) * (1 - 1e-6))
         const = torch.full((n,), c, device=device)

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..checks import NORMS, choice, flag, integer, real
-from ..models import model_device
-from .core import (NORM_FLOOR, Loss, attacking, ball_delta, generator_or_none, input_gradient,
+from .core import (NORM_FLOOR, Loss, attacking_batch, ball_delta, generator_or_none, input_gradient,
                    check_inputs, loss_fn_of, per_example)
 
 
@@ -35,9 +34,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
     check_inputs(model, x, y)
     if len(x) == 0:
         return x.clone()
-    device = model_device(model)
-    with attacking(model):
-        x0, y0 = x.detach().to(device), y.to(device=device, dtype=torch.long)
+    with attacking_batch(model, x, y) as (x0, y0):
         grad, _, _ = input_gradient(model, x0.clone(), y0, loss_fn, targeted, check=True)
         x_adv = x0.add(grad.sign_(), alpha=eps).clamp_(0.0, 1.0)
     return x_adv.to(x.device)
@@ -85,14 +82,13 @@ def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, alpha, step
     generator = generator_or_none(generator)
     check_inputs(model, x, y)
 
-    device = model_device(model)
     n = len(x)
     if n == 0:
         empty = x.clone()
         return PGDTrace(empty, x.new_zeros(steps + 1, 0), torch.zeros(0, dtype=torch.long)) if trace else empty
 
-    with attacking(model):
-        x0, y0 = x.detach().to(device), y.to(device=device, dtype=torch.long)
+    with attacking_batch(model, x, y) as (x0, y0):
+        device = x0.device
         if norm == "linf":
             # The L∞ ball and the pixel box are both boxes: projecting onto the ball and then
             # clamping to [0, 1] is one clamp to their intersection.
