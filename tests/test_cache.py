@@ -126,6 +126,7 @@ def test_two_processes_needing_one_model_train_it_once(tmp_path):
 
 def test_every_module_is_either_training_code_or_declared_outside_it():
     names = {"utils"} | {f"utils.{m.name}" for m in pkgutil.iter_modules(utils.__path__)}
+    names |= {f"utils.attacks.{m.name}" for m in pkgutil.iter_modules(utils.attacks.__path__)}
     inside, outside = set(cache.TRAINING_CODE), set(cache.OUTSIDE_TRAINING_CODE)
     assert not inside & outside
     assert names == inside | outside, "classify every new module of utils in utils/cache.py"
@@ -137,6 +138,21 @@ def test_the_key_changes_with_the_training_code(mnist5k_fast, monkeypatch):
     assert spec.key_dict(mnist5k_fast)["code"] == cache.code_fingerprint(cache.TRAINING_CODE)
     monkeypatch.setattr(cache, "code_fingerprint", lambda modules: "other code")
     assert spec.key(mnist5k_fast) != key
+
+
+def test_only_the_attacks_training_runs_and_the_objectives_own_module_are_in_the_key(mnist5k_fast):
+    # APGD, CW and noise never run inside training: changing them must not retrain the book.
+    assert {"utils.attacks.core", "utils.attacks.gradient"} <= set(cache.TRAINING_CODE)
+    assert not {"utils.attacks", "utils.attacks.apgd", "utils.attacks.cw"} & set(cache.TRAINING_CODE)
+    assert tiny_spec().training_code() == cache.TRAINING_CODE
+
+    class Elsewhere(CrossEntropy):
+        pass
+
+    Elsewhere.__module__ = "utils.zoo"  # an objective defined in a module outside TRAINING_CODE
+    spec = cache.ModelSpec("outside", objective=Elsewhere())
+    assert spec.training_code() == cache.TRAINING_CODE + ("utils.zoo",)
+    assert spec.key_dict(mnist5k_fast)["code"] == cache.code_fingerprint(cache.TRAINING_CODE + ("utils.zoo",))
 
 
 def test_the_code_fingerprint_follows_behaviour_not_docstrings(tmp_path, monkeypatch):
