@@ -243,3 +243,41 @@ def test_minimal_norms_and_the_accuracy_they_imply(model_and_data):
     assert accuracy_from_norms(torch.tensor([0.0, 0.5, 1.5, math.inf]), 1.0) == 0.5
     with pytest.raises(ValueError):
         accuracy_from_norms(torch.tensor([1.0]), -1.0)
+
+
+def test_the_book_attacks_follow_the_profile_and_are_all_memoised(model_and_data, tmp_path, monkeypatch):
+    from utils import config
+    from utils.attacks import apgd, apgd_targeted
+    m, x, y = model_and_data
+    profile = config.get_profile("fast")
+    attacks = robustness.book_attacks(0.1, profile)
+    s, r, a = profile.pgd_steps, profile.restarts, profile.apgd_steps
+    assert list(attacks) == ["FGSM", f"PGD-{s} ×{r} (CE)", f"PGD-{s} ×{r} (margin)", f"APGD-CE {a}", f"APGD-T {a}"]
+    funcs = [(att.func, att.keywords, restarts) for att, restarts in attacks.values()]
+    assert funcs == [(fgsm, {"eps": 0.1}, 1), (pgd, {"eps": 0.1, "steps": s}, r),
+                     (pgd, {"eps": 0.1, "steps": s, "loss": "margin"}, r), (apgd, {"eps": 0.1, "steps": a}, 1),
+                     (apgd_targeted, {"eps": 0.1, "steps": a}, 1)]
+    assert all(describe_attack(att) is not None for att, _ in attacks.values()), "every column can be read back"
+    monkeypatch.setenv("ADVBOOK_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    table = robustness_table({"mlp": m}, x[:60], y[:60], attacks, eps=0.1, keys={"mlp": "k"})
+    row = table.acc["mlp"]
+    assert row["worst case"] <= min(row[c] for c in attacks)
+    per = table.correct["mlp"]
+    assert set(per) == {"clean", *attacks, "worst case"}
+    assert all(per[c].float().mean().item() == pytest.approx(row[c]) for c in per)
+    assert torch.equal(per["worst case"], functools.reduce(torch.logical_and, [per[c] for c in attacks]))
+    assert row[f"APGD-T {a}"] <= row["clean"]
+    again = robustness_table({"mlp": m}, x[:60], y[:60], attacks, eps=0.1, keys={"mlp": "k"})
+    assert again.reused == {"mlp": list(attacks)} and again.acc == table.acc
+    with pytest.raises(ValueError, match="eps"):
+        robustness.book_attacks(-0.1, profile)
+
+
+def test_standard_errors_are_those_of_a_proportion(model_and_data):
+    m, x, y = model_and_data
+    table = robustness.RobustnessTable(["a", "b"], ["PGD"], {"a": {"clean": 1.0, "PGD": 0.5},
+                                                             "b": {"clean": 1.0, "PGD": 0.9}}, {}, n=100)
+    assert table.standard_errors("PGD") == {"a": "± 5.0", "b": "± 3.0"}
+    with pytest.raises(ValueError, match="no column"):
+        table.standard_errors("worst case")

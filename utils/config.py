@@ -37,6 +37,8 @@ class Profile:
     Wagner's iterations per round and rounds of binary search over ``c``. ``defence_epochs`` is
     the training budget of every adversarially trained model (chapters 6-9) and
     ``train_pgd_steps`` the number of PGD steps of the attack inside their training loop.
+    ``apgd_steps`` is the budget of each APGD run of the book's own evaluation (100 in the full
+    profile, Croce & Hein's reference).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Profile:
     cw_search_steps: int
     defence_epochs: int = 2
     train_pgd_steps: int = 3
+    apgd_steps: int = 100
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,10 +63,11 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "fast": Profile(name="fast", train_size=1000, test_size=500, epochs=2, batch_size=64,
                     attack_size=100, explorer_examples=8, pgd_steps=10, restarts=2,
-                    cw_steps=30, cw_search_steps=4, defence_epochs=2, train_pgd_steps=3),
+                    cw_steps=30, cw_search_steps=4, defence_epochs=2, train_pgd_steps=3, apgd_steps=20),
     "full": Profile(name="full", train_size=None, test_size=None, epochs=6, batch_size=128,
                     attack_size=1000, explorer_examples=32, pgd_steps=40, restarts=5,
-                    cw_steps=100, cw_search_steps=9, defence_epochs=20, train_pgd_steps=10),
+                    cw_steps=100, cw_search_steps=9, defence_epochs=20, train_pgd_steps=10,
+                    apgd_steps=100),
 }
 
 

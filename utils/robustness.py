@@ -11,6 +11,10 @@ Every adversarial example is checked against the threat model (``eps`` and ``nor
 counts: an attack that leaves the ε-ball, or the pixel box, raises an error instead of lowering the
 accuracy (RobustBench and AutoAttack check the same).
 
+:func:`book_attacks` names the attacks behind the book's headline number: its worst case per
+example is the robust accuracy every chapter from 6 on reports (an upper bound: a stronger attack
+may find more).
+
 Introduced in chapter 6 and used in every chapter after it.
 """
 
@@ -33,6 +37,7 @@ from . import config
 from .cache import code_fingerprint
 from .checks import (NORMS, atomic_write, check_images, check_in_ball, check_labels, choice, integer,
                      perturbation_size, real)
+from .attacks import apgd, apgd_targeted, fgsm, pgd
 from .evaluate import predict
 from .models import eval_mode, model_device
 
@@ -253,7 +258,8 @@ class RobustnessTable:
 
     ``acc[model][attack]`` is a fraction; the column ``"clean"`` is the accuracy without attack
     and ``"worst case"`` (when more than one attack ran) the fraction of examples that survive
-    every attack. ``seconds[model]`` is the time spent attacking that model. Displays itself as
+    every attack. ``correct[model][column]`` (when the table was measured, not assembled by hand)
+    holds the ``[N]`` booleans behind each fraction, per example. ``seconds[model]`` is the time spent attacking that model. Displays itself as
     a Markdown table in a notebook; :meth:`markdown` gives the text.
     """
 
@@ -264,6 +270,7 @@ class RobustnessTable:
     n: int
     notes: dict[str, str] = field(default_factory=dict)
     reused: dict[str, list[str]] = field(default_factory=dict)  # model -> attack columns read from the memo
+    correct: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def columns(self) -> list[str]:
@@ -296,6 +303,14 @@ class RobustnessTable:
                         + "".join(f'<td style="text-align: right">{_html.escape(v)}</td>' for v in values) + "</tr>")
         cap = f"<caption>{_html.escape(caption)}</caption>" if caption else ""
         return f'<table class="table">{cap}' + "".join(rows) + "</table>"
+
+    def standard_errors(self, column: str = "worst case") -> dict[str, str]:
+        """``model -> "± s"``: one standard error, in points, of ``column`` measured on ``n`` examples
+        (``sqrt(p (1 - p) / n)``, a column of text for :meth:`markdown`'s ``extra``)."""
+        if column not in self.columns:
+            raise ValueError(f"no column {column!r}; the columns are {self.columns}")
+        return {m: f"± {100 * math.sqrt(self.acc[m][column] * (1 - self.acc[m][column]) / self.n):.1f}"
+                for m in self.models}
 
     def _repr_markdown_(self) -> str:
         return self.markdown() + f"\n\nAccuracy on {self.n:,} held-out digits."
@@ -331,11 +346,13 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
     acc: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     reused: dict[str, list[str]] = {}
+    correct: dict[str, dict[str, torch.Tensor]] = {}
     for m_name, model in models.items():
         start = time.perf_counter()
         clean = robust_correct(model, x, y, batch_size=batch_size)
         worst = clean.clone()
         row = {"clean": clean.float().mean().item()}
+        per_example = correct[m_name] = {"clean": clean}
         for a_name, (attack, restarts) in specs.items():
             key = None if keys is None else keys.get(m_name)
             ok, was_reused = _robust_correct(model, x, y, [attack], eps=eps, norm=norm, restarts=restarts,
@@ -343,11 +360,35 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
             if was_reused:
                 reused.setdefault(m_name, []).append(a_name)
             row[a_name] = ok.float().mean().item()
+            per_example[a_name] = ok
             worst &= ok
             if progress:
                 print(f"{m_name:>20s} | {a_name}: {100 * row[a_name]:.1f}%", flush=True)
         if len(specs) > 1:
             row["worst case"] = worst.float().mean().item()
+            per_example["worst case"] = worst
         acc[m_name] = row
         seconds[m_name] = time.perf_counter() - start
-    return RobustnessTable(list(models), list(specs), acc, seconds, len(x), reused=reused)
+    return RobustnessTable(list(models), list(specs), acc, seconds, len(x), reused=reused, correct=correct)
+
+
+def book_attacks(eps: float, profile: config.Profile | str | None = None) -> dict[str, tuple[Attack, int]]:
+    """The attacks of the book's headline robust accuracy (L∞), as ``{column: (attack, restarts)}``
+    for :func:`robustness_table`, whose ``"worst case"`` over them is the number every chapter from
+    6 on reports: FGSM; PGD with the profile's steps and restarts on the cross-entropy and on the
+    margin; APGD on the cross-entropy and APGD-T (targeted DLR, nine target classes), each with
+    ``profile.apgd_steps`` iterations (Croce & Hein 2020). Every attack is a ``functools.partial``
+    of a function of :mod:`utils.attacks`, so its per-example results are memoised across chapters
+    when the table is given the models' ``keys``.
+    """
+    eps = real("eps", eps)
+    if not isinstance(profile, config.Profile):
+        profile = config.get_profile(profile)
+    s, r, a = profile.pgd_steps, profile.restarts, profile.apgd_steps
+    return {
+        "FGSM": (functools.partial(fgsm, eps=eps), 1),
+        f"PGD-{s} ×{r} (CE)": (functools.partial(pgd, eps=eps, steps=s), r),
+        f"PGD-{s} ×{r} (margin)": (functools.partial(pgd, eps=eps, steps=s, loss="margin"), r),
+        f"APGD-CE {a}": (functools.partial(apgd, eps=eps, steps=a), 1),
+        f"APGD-T {a}": (functools.partial(apgd_targeted, eps=eps, steps=a), 1),
+    }
