@@ -58,10 +58,12 @@ TRAINING_CODE = ("utils.attacks.core", "utils.attacks.gradient", "utils.cache", 
                  "utils.defences", "utils.energy", "utils.evaluate", "utils.models", "utils.objectives",
                  "utils.overfitting", "utils.train")
 
-#: The modules that do not change a trained model (a test checks that every module is in one list).
+#: The modules that do not change a trained model, or change only the models of an objective they
+#: define (TRADES, :mod:`utils.trades`: its fingerprint joins those models' keys alone, see
+#: :meth:`ModelSpec.training_code`). A test checks that every module is in one list.
 OUTSIDE_TRAINING_CODE = ("utils", "utils.attacks", "utils.attacks.apgd", "utils.attacks.cw",
                          "utils.attacks.noise", "utils.config", "utils.data", "utils.plot",
-                         "utils.robustness", "utils.widgets", "utils.zoo")
+                         "utils.robustness", "utils.trades", "utils.widgets", "utils.zoo")
 
 
 class CacheWarning(UserWarning):
