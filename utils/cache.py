@@ -37,7 +37,7 @@ from . import config
 from .checks import atomic_write, integer, real
 from .data import MNISTData
 from .models import build_model
-from .objectives import CrossEntropy
+from .objectives import CrossEntropy, set_field
 from .overfitting import CatastrophicOverfitting, EarlyStop
 from .train import History, Objective, fit
 
@@ -54,7 +54,7 @@ _MAGIC = b"advbook-checkpoint"
 #: Of the attack package only what training runs (PGD and its core) is here, so a new attack
 #: retrains nothing. An objective defined in a module outside this list (a later chapter's
 #: training objective) adds that module's fingerprint to its own models' keys only.
-TRAINING_CODE = ("utils.attacks.core", "utils.attacks.gradient", "utils.cache", "utils.checks",
+TRAINING_CODE = ("utils.attacks.core", "utils.attacks.gradient", "utils.augment", "utils.cache", "utils.checks",
                  "utils.defences", "utils.energy", "utils.evaluate", "utils.models", "utils.objectives",
                  "utils.overfitting", "utils.train")
 
@@ -121,6 +121,10 @@ class ModelSpec:
     ``ModelSpec("wide", arch_kwargs=(("width", 64),))``. ``early_stop`` (an
     :class:`utils.overfitting.EarlyStop`) watches the PGD accuracy during training; it is part of
     the key, and what it saw is kept with the checkpoint (:attr:`TrainedModel.guard`).
+
+    ``shift`` (random shifts of up to that many pixels) and ``ema`` (the decay of a moving average
+    of the weights) are :func:`utils.train.fit`'s options of the same names; at their defaults (0,
+    off) they are left out of the key, so a recipe that does not use them keeps its key.
     """
 
     name: str
@@ -134,6 +138,8 @@ class ModelSpec:
     weight_decay: float = 0.0
     seed: int = 0
     early_stop: EarlyStop | None = None
+    shift: int = 0
+    ema: float = 0.0
 
     def __post_init__(self):
         if self.early_stop is not None and not isinstance(self.early_stop, EarlyStop):
@@ -144,6 +150,8 @@ class ModelSpec:
         integer("batch_size", self.batch_size)
         real("lr", self.lr, open_low=True)
         integer("seed", self.seed, low=0)
+        set_field(self, "shift", integer("shift", self.shift, low=0))
+        set_field(self, "ema", real("ema", self.ema, high=1.0, open_high=True))
 
     def build(self) -> nn.Module:
         """A fresh model, initialised from ``seed``; the caller's global random state is left as it was."""
@@ -160,6 +168,10 @@ class ModelSpec:
 
     def key_dict(self, data: MNISTData) -> dict:
         extra = {} if self.early_stop is None else {"early_stop": self.early_stop.spec()}
+        if self.shift:
+            extra["shift"] = self.shift
+        if self.ema:
+            extra["ema"] = self.ema
         return {
             **extra,
             "format": FORMAT_VERSION,
@@ -349,7 +361,7 @@ def _train(spec: ModelSpec, data: MNISTData, model: nn.Module, progress: bool) -
         history = fit(model, data.x_train, data.y_train, spec.objective, epochs=spec.epochs,
                       batch_size=spec.batch_size, lr=spec.lr, schedule=spec.schedule,
                       weight_decay=spec.weight_decay, seed=spec.seed, x_test=data.x_test, y_test=data.y_test,
-                      progress=progress, callback=check)
+                      progress=progress, callback=check, shift=spec.shift, ema=spec.ema)
     except CatastrophicOverfitting as stop:
         history = stop.history
         stopped_at = stop.event.epoch
