@@ -38,7 +38,7 @@ from .checks import atomic_write, integer, real
 from .data import MNISTData
 from .models import build_model
 from .objectives import CrossEntropy, set_field
-from .overfitting import CatastrophicOverfitting, EarlyStop
+from .overfitting import BestCheckpoint, CatastrophicOverfitting, EarlyStop
 from .train import History, Objective, fit
 
 try:  # POSIX; elsewhere (Windows) two processes may both train a missing model, and both save it whole
@@ -125,6 +125,13 @@ class ModelSpec:
     ``shift`` (random shifts of up to that many pixels) and ``ema`` (the decay of a moving average
     of the weights) are :func:`utils.train.fit`'s options of the same names; at their defaults (0,
     off) they are left out of the key, so a recipe that does not use them keeps its key.
+
+    ``checkpoint`` (a :class:`utils.overfitting.BestCheckpoint`, default None) sets validation digits
+    aside from the training digits, measures the PGD accuracy on them after every epoch and ends with
+    the best (or the last) weights; it is in the key with the fingerprint of the digits actually
+    trained on, and what it measured is kept with the checkpoint (:attr:`TrainedModel.validation`).
+    With ``early_stop`` as well, the early stop watches the digits trained on, and the checkpoint's
+    choice of weights comes last.
     """
 
     name: str
@@ -140,10 +147,13 @@ class ModelSpec:
     early_stop: EarlyStop | None = None
     shift: int = 0
     ema: float = 0.0
+    checkpoint: BestCheckpoint | None = None
 
     def __post_init__(self):
         if self.early_stop is not None and not isinstance(self.early_stop, EarlyStop):
             raise TypeError(f"early_stop must be an EarlyStop or None, got {type(self.early_stop).__name__}")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, BestCheckpoint):
+            raise TypeError(f"checkpoint must be a BestCheckpoint or None, got {type(self.checkpoint).__name__}")
         if not isinstance(self.name, str) or not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ValueError(f"name must be non-empty letters, digits, '-' or '_', got {self.name!r}")
         integer("epochs", self.epochs, low=0)
@@ -172,6 +182,8 @@ class ModelSpec:
             extra["shift"] = self.shift
         if self.ema:
             extra["ema"] = self.ema
+        if self.checkpoint is not None:
+            extra["checkpoint"] = {**self.checkpoint.spec(), "train_data": self.checkpoint.split(data)[0].key()}
         return {
             **extra,
             "format": FORMAT_VERSION,
@@ -208,6 +220,7 @@ class TrainedModel:
     status: str  # "loaded from cache", "trained", or "retrained: <why>"
     data_source: str
     guard: dict | None = None  # what spec.early_stop measured: epochs, accs, events, stopped_at, best_epoch
+    validation: dict | None = None  # what spec.checkpoint measured: epochs, accs, best_epoch, kept_epoch, n
 
     @property
     def stopped_early(self) -> bool:
@@ -295,8 +308,9 @@ def _load_into(path: Path, key: str, model: nn.Module) -> tuple[dict | None, str
 
 def _from_payload(model, spec, key, path, payload, data) -> TrainedModel:
     guard = json.loads(payload["guard"]) if payload.get("guard") else None
+    validation = json.loads(payload["validation"]) if payload.get("validation") else None
     return TrainedModel(model, spec, key, path, History.from_list(payload["history"]),
-                        float(payload["train_seconds"]), "loaded from cache", data.source, guard)
+                        float(payload["train_seconds"]), "loaded from cache", data.source, guard, validation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +350,7 @@ def load_or_train(
                 status = f"retrained: {why}"
                 model = spec.build()  # never continue from weights that were partly loaded
         model.to(device)
-        history, seconds, guard = _train(spec, data, model, progress)
+        history, seconds, guard, validation = _train(spec, data, model, progress)
         payload = {
             "format": FORMAT_VERSION,
             "key": key,
@@ -345,28 +359,43 @@ def load_or_train(
             "history": history.to_list(),
             "train_seconds": seconds,
             "guard": json.dumps(guard) if guard is not None else "",
+            "validation": json.dumps(validation) if validation is not None else "",
         }
         save_checkpoint(payload, path)
     model.eval()
-    return TrainedModel(model, spec, key, path, history, seconds, status, data.source, guard)
+    return TrainedModel(model, spec, key, path, history, seconds, status, data.source, guard, validation)
 
 
-def _train(spec: ModelSpec, data: MNISTData, model: nn.Module, progress: bool) -> tuple[History, float, dict | None]:
-    """Train ``model`` as ``spec`` says; return its history, the seconds it took, and what the
-    early-stopping check measured (None without one)."""
+def _train(spec: ModelSpec, data: MNISTData, model: nn.Module,
+           progress: bool) -> tuple[History, float, dict | None, dict | None]:
+    """Train ``model`` as ``spec`` says; return its history, the seconds it took, what the
+    early-stopping check measured and what the best-checkpoint watch measured (None without them)."""
+    watch = None
+    if spec.checkpoint is not None:
+        data, x_val, y_val = spec.checkpoint.split(data)
+        watch = spec.checkpoint.watch(x_val, y_val)
     check = None if spec.early_stop is None else spec.early_stop.check(data.x_train, data.y_train)
+    callbacks = [c for c in (watch, check) if c is not None]
+
+    def callback(model: nn.Module, record) -> None:
+        for c in callbacks:
+            c(model, record)
+
     stopped_at = None
     start = time.perf_counter()
     try:
         history = fit(model, data.x_train, data.y_train, spec.objective, epochs=spec.epochs,
                       batch_size=spec.batch_size, lr=spec.lr, schedule=spec.schedule,
                       weight_decay=spec.weight_decay, seed=spec.seed, x_test=data.x_test, y_test=data.y_test,
-                      progress=progress, callback=check, shift=spec.shift, ema=spec.ema)
+                      progress=progress, callback=callback if callbacks else None, shift=spec.shift, ema=spec.ema)
     except CatastrophicOverfitting as stop:
         history = stop.history
         stopped_at = stop.event.epoch
         check.restore(model)
         if progress:
             print(f"{spec.name}: {stop}; stopped and restored the weights of epoch {check.best_epoch}")
+    if watch is not None and watch.epochs:
+        watch.finish(model)
     seconds = time.perf_counter() - start
-    return history, seconds, (None if check is None else check.record(stopped_at))
+    return (history, seconds, None if check is None else check.record(stopped_at),
+            None if watch is None else watch.record())
