@@ -244,3 +244,24 @@ def test_load_or_train_passes_shift_and_ema_to_fit(mnist5k_fast, tmp_path, monke
     trained = cache.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False)
     assert seen == {"shift": 1, "ema": 0.9} and trained.status == "trained"
     assert cache.load_or_train(spec, mnist5k_fast, device="cpu", cache=tmp_path, progress=False).from_cache
+
+
+def test_candidate_spec_builds_recipes_on_the_books_budget_with_the_new_knobs():
+    from utils.overfitting import BestCheckpoint
+    from utils.trades import TRADES
+    from utils.zoo import book_spec, candidate_spec
+
+    book = book_spec("pgd_at", "fast")
+    plain = candidate_spec("pgd_at_plain", "pgd_at", "fast")
+    assert dataclasses.replace(plain, name="pgd_at") == book, "a candidate with no knobs is the book's PGD-AT"
+    rule = BestCheckpoint(n=200)
+    trades = candidate_spec("trades_x", "trades", "full", beta=3.0, steps=20, epochs=30, shift=2, ema=0.995,
+                            checkpoint=rule)
+    assert isinstance(trades.objective, TRADES)
+    assert (trades.objective.beta, trades.objective.steps, trades.objective.eps) == (3.0, 20, 0.3)
+    assert (trades.epochs, trades.shift, trades.ema, trades.checkpoint) == (30, 2, 0.995, rule)
+    assert candidate_spec("ce", CrossEntropy(), "fast").objective == CrossEntropy()
+    with pytest.raises(ValueError, match="book"):
+        candidate_spec("pgd_at", "trades")
+    with pytest.raises(ValueError, match="objective"):
+        candidate_spec("x", "mart")
