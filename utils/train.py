@@ -6,9 +6,9 @@ named loss terms for the history). ``progress`` runs from 0 to 1 over training, 
 can schedule its own parameters (the ε warm-up of adversarial training, chapter 6). Its
 :meth:`spec` is part of the cache key of every model trained with it (:mod:`utils.cache`).
 
-The objectives live in :mod:`utils.objectives` (clean data: cross-entropy, temperature, distillation)
-and :mod:`utils.defences` (adversarial training and its variants); the watch for catastrophic
-overfitting is a :func:`fit` callback in :mod:`utils.overfitting`.
+The objectives live in :mod:`utils.objectives` (clean data: cross-entropy, temperature, distillation),
+:mod:`utils.defences` (adversarial training and its variants) and :mod:`utils.trades` (TRADES); the
+watches for catastrophic and robust overfitting are :func:`fit` callbacks in :mod:`utils.overfitting`.
 
 :func:`fit` draws its random numbers (the shuffling, and the random starts of the attacks inside
 adversarial objectives) from generators seeded by its ``seed``, inside
