@@ -37,8 +37,8 @@ from . import config
 from .checks import atomic_write, integer, real
 from .data import MNISTData
 from .models import build_model
-from .objectives import CrossEntropy
-from .overfitting import CatastrophicOverfitting, EarlyStop
+from .objectives import CrossEntropy, set_field
+from .overfitting import BestCheckpoint, CatastrophicOverfitting, EarlyStop
 from .train import History, Objective, fit
 
 try:  # POSIX; elsewhere (Windows) two processes may both train a missing model, and both save it whole
@@ -54,14 +54,16 @@ _MAGIC = b"advbook-checkpoint"
 #: Of the attack package only what training runs (PGD and its core) is here, so a new attack
 #: retrains nothing. An objective defined in a module outside this list (a later chapter's
 #: training objective) adds that module's fingerprint to its own models' keys only.
-TRAINING_CODE = ("utils.attacks.core", "utils.attacks.gradient", "utils.cache", "utils.checks",
+TRAINING_CODE = ("utils.attacks.core", "utils.attacks.gradient", "utils.augment", "utils.cache", "utils.checks",
                  "utils.defences", "utils.energy", "utils.evaluate", "utils.models", "utils.objectives",
                  "utils.overfitting", "utils.train")
 
-#: The modules that do not change a trained model (a test checks that every module is in one list).
+#: The modules that do not change a trained model, or change only the models of an objective they
+#: define (TRADES, :mod:`utils.trades`: its fingerprint joins those models' keys alone, see
+#: :meth:`ModelSpec.training_code`). A test checks that every module is in one list.
 OUTSIDE_TRAINING_CODE = ("utils", "utils.attacks", "utils.attacks.apgd", "utils.attacks.cw",
                          "utils.attacks.noise", "utils.config", "utils.data", "utils.plot",
-                         "utils.robustness", "utils.widgets", "utils.zoo")
+                         "utils.robustness", "utils.trades", "utils.widgets", "utils.zoo")
 
 
 class CacheWarning(UserWarning):
@@ -119,6 +121,17 @@ class ModelSpec:
     ``ModelSpec("wide", arch_kwargs=(("width", 64),))``. ``early_stop`` (an
     :class:`utils.overfitting.EarlyStop`) watches the PGD accuracy during training; it is part of
     the key, and what it saw is kept with the checkpoint (:attr:`TrainedModel.guard`).
+
+    ``shift`` (random shifts of up to that many pixels) and ``ema`` (the decay of a moving average
+    of the weights) are :func:`utils.train.fit`'s options of the same names; at their defaults (0,
+    off) they are left out of the key, so a recipe that does not use them keeps its key.
+
+    ``checkpoint`` (a :class:`utils.overfitting.BestCheckpoint`, default None) sets validation digits
+    aside from the training digits, measures the PGD accuracy on them after every epoch and ends with
+    the best (or the last) weights; it is in the key with the fingerprint of the digits actually
+    trained on, and what it measured is kept with the checkpoint (:attr:`TrainedModel.validation`).
+    With ``early_stop`` as well, the early stop watches the digits trained on, and the checkpoint's
+    choice of weights comes last.
     """
 
     name: str
@@ -132,16 +145,23 @@ class ModelSpec:
     weight_decay: float = 0.0
     seed: int = 0
     early_stop: EarlyStop | None = None
+    shift: int = 0
+    ema: float = 0.0
+    checkpoint: BestCheckpoint | None = None
 
     def __post_init__(self):
         if self.early_stop is not None and not isinstance(self.early_stop, EarlyStop):
             raise TypeError(f"early_stop must be an EarlyStop or None, got {type(self.early_stop).__name__}")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, BestCheckpoint):
+            raise TypeError(f"checkpoint must be a BestCheckpoint or None, got {type(self.checkpoint).__name__}")
         if not isinstance(self.name, str) or not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ValueError(f"name must be non-empty letters, digits, '-' or '_', got {self.name!r}")
         integer("epochs", self.epochs, low=0)
         integer("batch_size", self.batch_size)
         real("lr", self.lr, open_low=True)
         integer("seed", self.seed, low=0)
+        set_field(self, "shift", integer("shift", self.shift, low=0))
+        set_field(self, "ema", real("ema", self.ema, high=1.0, open_high=True))
 
     def build(self) -> nn.Module:
         """A fresh model, initialised from ``seed``; the caller's global random state is left as it was."""
@@ -158,6 +178,12 @@ class ModelSpec:
 
     def key_dict(self, data: MNISTData) -> dict:
         extra = {} if self.early_stop is None else {"early_stop": self.early_stop.spec()}
+        if self.shift:
+            extra["shift"] = self.shift
+        if self.ema:
+            extra["ema"] = self.ema
+        if self.checkpoint is not None:
+            extra["checkpoint"] = {**self.checkpoint.spec(), "train_data": self.checkpoint.split(data)[0].key()}
         return {
             **extra,
             "format": FORMAT_VERSION,
@@ -194,6 +220,7 @@ class TrainedModel:
     status: str  # "loaded from cache", "trained", or "retrained: <why>"
     data_source: str
     guard: dict | None = None  # what spec.early_stop measured: epochs, accs, events, stopped_at, best_epoch
+    validation: dict | None = None  # what spec.checkpoint measured: epochs, accs, best_epoch, kept_epoch, n
 
     @property
     def stopped_early(self) -> bool:
@@ -281,8 +308,9 @@ def _load_into(path: Path, key: str, model: nn.Module) -> tuple[dict | None, str
 
 def _from_payload(model, spec, key, path, payload, data) -> TrainedModel:
     guard = json.loads(payload["guard"]) if payload.get("guard") else None
+    validation = json.loads(payload["validation"]) if payload.get("validation") else None
     return TrainedModel(model, spec, key, path, History.from_list(payload["history"]),
-                        float(payload["train_seconds"]), "loaded from cache", data.source, guard)
+                        float(payload["train_seconds"]), "loaded from cache", data.source, guard, validation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +350,7 @@ def load_or_train(
                 status = f"retrained: {why}"
                 model = spec.build()  # never continue from weights that were partly loaded
         model.to(device)
-        history, seconds, guard = _train(spec, data, model, progress)
+        history, seconds, guard, validation = _train(spec, data, model, progress)
         payload = {
             "format": FORMAT_VERSION,
             "key": key,
@@ -331,28 +359,43 @@ def load_or_train(
             "history": history.to_list(),
             "train_seconds": seconds,
             "guard": json.dumps(guard) if guard is not None else "",
+            "validation": json.dumps(validation) if validation is not None else "",
         }
         save_checkpoint(payload, path)
     model.eval()
-    return TrainedModel(model, spec, key, path, history, seconds, status, data.source, guard)
+    return TrainedModel(model, spec, key, path, history, seconds, status, data.source, guard, validation)
 
 
-def _train(spec: ModelSpec, data: MNISTData, model: nn.Module, progress: bool) -> tuple[History, float, dict | None]:
-    """Train ``model`` as ``spec`` says; return its history, the seconds it took, and what the
-    early-stopping check measured (None without one)."""
+def _train(spec: ModelSpec, data: MNISTData, model: nn.Module,
+           progress: bool) -> tuple[History, float, dict | None, dict | None]:
+    """Train ``model`` as ``spec`` says; return its history, the seconds it took, what the
+    early-stopping check measured and what the best-checkpoint watch measured (None without them)."""
+    watch = None
+    if spec.checkpoint is not None:
+        data, x_val, y_val = spec.checkpoint.split(data)
+        watch = spec.checkpoint.watch(x_val, y_val)
     check = None if spec.early_stop is None else spec.early_stop.check(data.x_train, data.y_train)
+    callbacks = [c for c in (watch, check) if c is not None]
+
+    def callback(model: nn.Module, record) -> None:
+        for c in callbacks:
+            c(model, record)
+
     stopped_at = None
     start = time.perf_counter()
     try:
         history = fit(model, data.x_train, data.y_train, spec.objective, epochs=spec.epochs,
                       batch_size=spec.batch_size, lr=spec.lr, schedule=spec.schedule,
                       weight_decay=spec.weight_decay, seed=spec.seed, x_test=data.x_test, y_test=data.y_test,
-                      progress=progress, callback=check)
+                      progress=progress, callback=callback if callbacks else None, shift=spec.shift, ema=spec.ema)
     except CatastrophicOverfitting as stop:
         history = stop.history
         stopped_at = stop.event.epoch
         check.restore(model)
         if progress:
             print(f"{spec.name}: {stop}; stopped and restored the weights of epoch {check.best_epoch}")
+    if watch is not None and watch.epochs:
+        watch.finish(model)
     seconds = time.perf_counter() - start
-    return history, seconds, (None if check is None else check.record(stopped_at))
+    return (history, seconds, None if check is None else check.record(stopped_at),
+            None if watch is None else watch.record())

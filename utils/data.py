@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import config
+from .checks import integer
 
 MNIST = "mnist"
 MNIST5K = "mnist5k"
@@ -216,3 +217,43 @@ def _short_reason(exc: Exception, allowed: bool, root: Path) -> str:
     if len(text) > 120:
         text = text[:117] + "..."
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def validation_split(data: MNISTData, n: int, *, seed: int = 0) -> tuple[MNISTData, torch.Tensor, torch.Tensor]:
+    """Carve ``n`` validation digits out of ``data``'s *training* digits; the test digits are not touched.
+
+    Returns ``(train, x_val, y_val)``: ``train`` is ``data`` without those digits (the remaining
+    training digits in their order, the same test digits, the same source), and ``x_val, y_val`` the
+    carved digits in a seeded random order. The split is stratified: every class gives its share of
+    ``n`` (its count times ``n`` over the number of training digits, rounded so the shares add up to
+    ``n``, largest remainders first), each class's digits chosen by a permutation seeded with
+    ``seed``. Choosing a training budget or a checkpoint on these digits leaves the test digits for
+    the final measurement only (Rice et al. 2020 choose their checkpoint this way). Chapter 6.
+    """
+    if not isinstance(data, MNISTData):
+        raise TypeError(f"data must be an MNISTData, got {type(data).__name__}")
+    total = len(data.y_train)
+    n = integer("n", n)
+    if n >= total:
+        raise ValueError(f"n must be below the number of training digits ({total}), so that some are left "
+                         f"to train on, got {n}")
+    seed = integer("seed", seed, low=0)
+    classes, counts = torch.unique(data.y_train, return_counts=True)
+    quotas = counts.double() * n / total
+    shares = quotas.floor().long()
+    remainder = quotas - shares
+    order = torch.argsort(-remainder, stable=True)
+    shares[order[: n - int(shares.sum())]] += 1
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, share in zip(classes.tolist(), shares.tolist()):
+        idx = torch.nonzero(data.y_train == c).flatten()
+        chosen.append(idx[torch.randperm(len(idx), generator=g)[:share]])
+    val_idx = torch.cat(chosen)
+    val_idx = val_idx[torch.randperm(len(val_idx), generator=g)]
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[val_idx] = False
+    train = MNISTData(data.x_train[keep].contiguous(), data.y_train[keep].contiguous(), data.x_test, data.y_test,
+                      source=data.source, fallback_reason=data.fallback_reason,
+                      subset={**data.subset, "validation": {"n": n, "seed": seed}})
+    return train, data.x_train[val_idx].contiguous(), data.y_train[val_idx].contiguous()

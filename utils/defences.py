@@ -9,6 +9,9 @@ Every objective here is adversarial training with, optionally, a pairing term, i
 * :class:`LogitPairing`: adversarial logit pairing, and clean logit pairing, Kannan et al. (chapter 7);
 * :class:`EnergyPairing`: the book's "EnAET", the same with an energy pairing term (chapter 8).
 
+TRADES, which fits the clean labels and pairs the clean and adversarial predictions with a KL term
+found by its own inner attack, is in :mod:`utils.trades` (chapter 6).
+
 ``x_adv`` comes from :func:`utils.attacks.pgd` on the current model, the one source of the inner
 maximisation: the attack runs in evaluation mode, takes gradients with respect to the input only and
 writes no parameter's ``.grad``, so the only gradients that reach the weights are those of the

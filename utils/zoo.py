@@ -12,7 +12,8 @@ from .cache import ModelSpec, TrainedModel, load_or_train
 from .data import MNISTData
 from .defences import EnergyPairing, FastFGSM, LogitPairing, PGDAdversarial
 from .objectives import CrossEntropy, Distillation, TemperatureCrossEntropy
-from .overfitting import EarlyStop
+from .overfitting import BestCheckpoint, EarlyStop
+from .trades import TRADES
 from .train import Objective
 
 
@@ -105,6 +106,42 @@ def book_spec(name: str, profile: config.Profile | str | None = None, *,
     }.get(name)
     return ModelSpec(name=name, arch="cnn", objective=objectives[name], epochs=profile.defence_epochs,
                      batch_size=profile.batch_size, lr=1e-3, seed=0, early_stop=early_stop)
+
+
+#: The objectives :func:`candidate_spec` builds by name.
+CANDIDATE_OBJECTIVES = ("pgd_at", "trades")
+
+
+def candidate_spec(name: str, objective: Objective | str = "pgd_at", profile: config.Profile | str | None = None, *,
+                   epochs: int | None = None, steps: int | None = None, warmup: float = 0.25, beta: float = 6.0,
+                   shift: int = 0, ema: float = 0.0, checkpoint: BestCheckpoint | None = None,
+                   seed: int = 0) -> ModelSpec:
+    """A recipe to measure against the book's models: the CNN on the book's defence budget unless
+    told otherwise, with the training options of :func:`utils.train.fit` as knobs.
+
+    ``objective``: ``"pgd_at"`` (:class:`utils.defences.PGDAdversarial`) or ``"trades"``
+    (:class:`utils.trades.TRADES` with ``beta``), both at ε = :data:`DEFENCE_EPS` with ``steps`` PGD
+    steps of 2.5·ε/steps (default ``profile.train_pgd_steps``) and ε ramped up over ``warmup`` of
+    training, as the book's defences are; or any objective, used as it is. ``epochs`` defaults to
+    ``profile.defence_epochs``; ``shift``, ``ema`` and ``checkpoint`` are :class:`ModelSpec`'s (off
+    by default). The name must not be one of the book's models (:data:`BOOK_MODELS`), whose recipes
+    are :func:`book_spec`'s alone.
+    """
+    if not isinstance(profile, config.Profile):
+        profile = config.get_profile(profile)
+    if name in BOOK_MODELS:
+        raise ValueError(f"{name!r} is one of the book's models; give a candidate a name of its own")
+    steps = profile.train_pgd_steps if steps is None else steps
+    if isinstance(objective, str):
+        if objective not in CANDIDATE_OBJECTIVES:
+            raise ValueError(f"objective must be one of {CANDIDATE_OBJECTIVES} or an objective, got {objective!r}")
+        if objective == "pgd_at":
+            objective = PGDAdversarial(eps=DEFENCE_EPS, alpha=None, steps=steps, warmup=warmup)
+        else:
+            objective = TRADES(eps=DEFENCE_EPS, alpha=None, steps=steps, beta=beta, warmup=warmup)
+    return ModelSpec(name=name, arch="cnn", objective=objective,
+                     epochs=profile.defence_epochs if epochs is None else epochs, batch_size=profile.batch_size,
+                     lr=1e-3, seed=seed, shift=shift, ema=ema, checkpoint=checkpoint)
 
 
 def load_book_model(name: str, data: MNISTData, profile: config.Profile | str | None = None,
