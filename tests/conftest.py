@@ -17,6 +17,17 @@ def _isolated_cache(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train faster on one thread: on a shared 2-core machine torch's second thread only
+    adds contention (a trained-model fixture ran several times slower with it). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; the count is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mnist5k_fast():
     """The fast-profile subset of the bundled 5k digits (1,000 train / 500 test)."""

@@ -17,12 +17,7 @@ from utils.overfitting import BestCheckpoint, BestCheckpointWatch
 from utils.train import EpochRecord, fit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0):

@@ -16,12 +16,7 @@ from utils.objectives import CrossEntropy
 from utils.train import StepOutput, StopTraining, WeightAverage, fit, make_loader
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0):

@@ -102,7 +102,15 @@ class _RobustAccuracyWatch:
     every epoch), the accuracies measured, and a copy of the weights of the best epoch so far (ties
     go to the later epoch)."""
 
-    def __init__(self, x_check: torch.Tensor, y_check: torch.Tensor, rule):
+    #: The class of the watch's rule; ``rule=None`` means its defaults.
+    RULE: type
+
+    def __init__(self, x_check: torch.Tensor, y_check: torch.Tensor, rule=None):
+        if rule is None:
+            rule = self.RULE()
+        if not isinstance(rule, self.RULE):
+            raise TypeError(f"rule must be a{'n' if self.RULE.__name__[0] in 'AEIOU' else ''} "
+                            f"{self.RULE.__name__}, got {type(rule).__name__}")
         check_images(x_check, name="x_check")
         check_labels(y_check, n=len(x_check), name="y_check")
         if len(x_check) == 0:
@@ -155,11 +163,9 @@ class CatastrophicOverfittingCheck(_RobustAccuracyWatch):
     ``epochs`` and ``accs`` hold the measurements. Introduced in chapter 6.
     """
 
+    RULE = EarlyStop
+
     def __init__(self, x_check: torch.Tensor, y_check: torch.Tensor, rule: EarlyStop | None = None):
-        if rule is None:
-            rule = EarlyStop()
-        if not isinstance(rule, EarlyStop):
-            raise TypeError(f"rule must be an EarlyStop, got {type(rule).__name__}")
         super().__init__(x_check, y_check, rule)
         self.events: list[OverfittingEvent] = []
 
@@ -266,11 +272,9 @@ class BestCheckpointWatch(_RobustAccuracyWatch):
     averaged weights. Introduced in chapter 6.
     """
 
+    RULE = BestCheckpoint
+
     def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, rule: BestCheckpoint | None = None):
-        if rule is None:
-            rule = BestCheckpoint()
-        if not isinstance(rule, BestCheckpoint):
-            raise TypeError(f"rule must be a BestCheckpoint, got {type(rule).__name__}")
         super().__init__(x_val, y_val, rule)
 
     def __call__(self, model: nn.Module, record: EpochRecord) -> None:
