@@ -185,8 +185,21 @@ def test_the_code_fingerprint_follows_behaviour_not_docstrings(tmp_path, monkeyp
             """Take a step."""
             return x + 2
     ''')
+    # Declaring one more module outside the training code retrains nothing; any other constant does.
+    listed = fingerprint('''
+        OUTSIDE_TRAINING_CODE = ("utils.new_chapter",)
+        def step(x):
+            """Take a step."""
+            return x + 1
+    ''')
+    constant = fingerprint('''
+        TRAINING_CODE = ("utils.new_chapter",)
+        def step(x):
+            """Take a step."""
+            return x + 1
+    ''')
     cache.code_fingerprint.cache_clear()
-    assert base == reworded and base != changed
+    assert base == reworded == listed and base != changed and base != constant
     package_print = cache.code_fingerprint(("fpdemo",))     # a package counts with all its files
     (package / "extra.py").write_text("y = 1\n")
     cache.code_fingerprint.cache_clear()
