@@ -60,8 +60,8 @@ TRAINING_CODE = ("utils.attacks.core", "utils.attacks.gradient", "utils.cache", 
 
 #: The modules that do not change a trained model (a test checks that every module is in one list).
 OUTSIDE_TRAINING_CODE = ("utils", "utils.attacks", "utils.attacks.apgd", "utils.attacks.cw",
-                         "utils.attacks.noise", "utils.config", "utils.data", "utils.plot",
-                         "utils.robustness", "utils.widgets", "utils.zoo")
+                         "utils.attacks.noise", "utils.certify", "utils.config", "utils.data", "utils.plot",
+                         "utils.robustness", "utils.smoothing", "utils.verify", "utils.widgets", "utils.zoo")
 
 
 class CacheWarning(UserWarning):
