@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
@@ -73,7 +74,7 @@ def clopper_pearson_lower(k, n, alpha: float = 0.001) -> torch.Tensor:
         raise ValueError("k and n must be whole numbers with 0 <= k <= n and n >= 1")
     k_np, n_np = torch.broadcast_tensors(k, n)
     low = stats.beta.ppf(alpha, k_np.numpy(), (n_np - k_np + 1).numpy())
-    return torch.where(k_np == 0, 0.0, torch.from_numpy(low).to(torch.float64))
+    return torch.where(k_np == 0, 0.0, torch.from_numpy(np.asarray(low, dtype=np.float64)))
 
 
 @dataclass
@@ -123,7 +124,7 @@ def certify(model: nn.Module, x: torch.Tensor, sigma: float, *, n0: int = 100, n
     k = counts.gather(1, guess.unsqueeze(1)).squeeze(1)
     p_lower = clopper_pearson_lower(k, n, alpha)
     keep = p_lower >= 0.5
-    radius = torch.where(keep, sigma * torch.from_numpy(stats.norm.ppf(p_lower.numpy())), 0.0).clamp(min=0.0)
+    radius = torch.where(keep, sigma * torch.from_numpy(np.asarray(stats.norm.ppf(p_lower.numpy()), dtype=np.float64)), 0.0).clamp(min=0.0)
     prediction = torch.where(keep, guess, torch.tensor(ABSTAIN))
     return SmoothedCertificate(prediction, radius, p_lower, counts, sigma, n, alpha)
 
