@@ -82,19 +82,23 @@ class _Program:
     ``a ≥ 0, a ≥ ẑ, a ≤ u·δ, a ≤ ẑ − l(1 − δ)`` with ``δ ∈ {0, 1}``; a stable one is ``a = ẑ``
     (``l ≥ 0``) or ``a = 0`` (``u ≤ 0``, through its bounds), and its ``δ`` is fixed at 0."""
 
-    def __init__(self, chain, x: np.ndarray, eps: float):
+    def __init__(self, chain, x: np.ndarray, eps: float, pre: list | None = None):
         self.chain = chain
         lo, hi = np.clip(x - eps, 0.0, 1.0), np.clip(x + eps, 0.0, 1.0)
         lbs, ubs, ints, blocks, rlo, rhi = [lo], [hi], [np.zeros(len(x))], [], [], []
         n, prev, self.unstable = len(x), np.arange(len(x)), 0
-        self.last_box = (lo, hi)
-        for w, b in chain[:-1]:
+        self.last_box, self.pre, self.z_index = (lo, hi), [], []
+        for layer, (w, b) in enumerate(chain[:-1]):
             c, r = w @ ((lo + hi) / 2) + b, np.abs(w) @ ((hi - lo) / 2)
             l, u = c - r, c + r
+            if pre is not None:   # tighter bounds found earlier (by linear programs): keep the tighter of the two
+                l, u = np.maximum(l, pre[layer][0]), np.minimum(u, pre[layer][1])
+            self.pre.append((l, u))
             lo, hi = np.maximum(l, 0.0), np.maximum(u, 0.0)
             self.last_box = (lo, hi)
             k = len(b)
             z, a, d = n + np.arange(k), n + k + np.arange(k), n + 2 * k + np.arange(k)
+            self.z_index.append(z)
             n += 3 * k
             on, off = l >= 0, u <= 0
             split = ~on & ~off
@@ -137,16 +141,49 @@ class _Program:
         dw = w - w[y]
         return dw @ ((lo + hi) / 2) + np.abs(dw) @ ((hi - lo) / 2) + b - b[y]
 
-    def maximise_margin(self, y: int, j: int, time_limit: float | None):
-        w, b = self.chain[-1]
-        c = np.zeros(self.n)
-        c[self.last] = -(w[j] - w[y])
+    def _solve(self, c: np.ndarray, relax: bool, time_limit: float | None = None):
         options = {"mip_rel_gap": 1e-6, "presolve": False}
         if time_limit is not None:
             options["time_limit"] = float(time_limit)
         constraints = [optimize.LinearConstraint(self.a, self.rlo, self.rhi)] if self.a.shape[0] else []
-        res = optimize.milp(c, integrality=self.integrality, bounds=optimize.Bounds(self.lb, self.ub),
-                            constraints=constraints, options=options)
+        return optimize.milp(c, integrality=np.zeros(self.n) if relax else self.integrality,
+                             bounds=optimize.Bounds(self.lb, self.ub), constraints=constraints, options=options)
+
+    def tightened(self, x: np.ndarray, eps: float) -> "_Program":
+        """The same program with the bounds of every hidden layer after the first tightened by linear
+        programming: each unstable unit's minimum and maximum over the LP relaxation (binaries in
+        [0, 1]) of the layers before it. Sound, since every real input satisfies the relaxation; each
+        unit that becomes stable removes a binary (the progressive tightening of Tjeng et al.)."""
+        program, pre = self, [tuple(b) for b in self.pre]
+        for layer in range(1, len(self.pre)):
+            l, u = (v.copy() for v in program.pre[layer])
+            for unit in np.flatnonzero((l < 0) & (u > 0)):
+                c = np.zeros(program.n)
+                c[program.z_index[layer][unit]] = 1.0
+                low, high = program._solve(c, relax=True), program._solve(-c, relax=True)
+                if low.status == 0:
+                    l[unit] = max(l[unit], low.fun)
+                if high.status == 0:
+                    u[unit] = min(u[unit], -high.fun)
+            pre[layer] = (l, u)
+            program = _Program(self.chain, x, eps, pre)
+        return program
+
+    def margin_objective(self, y: int, j: int) -> np.ndarray:
+        w, _ = self.chain[-1]
+        c = np.zeros(self.n)
+        c[self.last] = -(w[j] - w[y])
+        return c
+
+    def relaxed_margin(self, y: int, j: int) -> float:
+        """An upper bound on ``max z_j − z_y`` from the LP relaxation (cheaper than the MILP)."""
+        res = self._solve(self.margin_objective(y, j), relax=True)
+        b = self.chain[-1][1]
+        return float(-res.fun + b[j] - b[y]) if res.status == 0 else np.inf
+
+    def maximise_margin(self, y: int, j: int, time_limit: float | None):
+        b = self.chain[-1][1]
+        res = self._solve(self.margin_objective(y, j), relax=False, time_limit=time_limit)
         if res.status != 0:
             raise RuntimeError(f"the MILP for class {j} did not finish: {res.message}")
         return float(-res.fun + b[j] - b[y]), res.x
@@ -200,10 +237,12 @@ def verify_milp(model: nn.Module, x: torch.Tensor, y, eps: float, *, time_limit:
     chain, x_np, y = _one_digit(model, x, y)
     start = time.perf_counter()
     program = _Program(chain, x_np, eps)
+    if program.unstable:
+        program = program.tightened(x_np, eps)
     bound = program.margin_bounds(y)
     best, target, best_x, solves = -np.inf, -1, None, 0
     for j in np.argsort(-bound).tolist():
-        if j == y or bound[j] < best:
+        if j == y or bound[j] < best or (best_x is not None and program.relaxed_margin(y, j) < best):
             continue
         value, solution = program.maximise_margin(y, j, time_limit)
         solves += 1
