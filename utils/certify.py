@@ -202,12 +202,9 @@ class IntervalBoundTraining:
         eps_now, kappa_now = self.schedule(progress)
         logits = model(x)
         ce = F.cross_entropy(logits, y)
-        if eps_now == 0.0 or kappa_now == 1.0:
-            robust = torch.zeros((), device=ce.device) if eps_now == 0.0 else ibp_loss(model, x, y, eps_now)
-            loss = ce if kappa_now == 1.0 else kappa_now * ce + (1 - kappa_now) * robust
-        else:
-            robust = ibp_loss(model, x, y, eps_now)
-            loss = kappa_now * ce + (1 - kappa_now) * robust
+        # At ε = 0 the bound is the clean cross-entropy itself; while κ = 1 it has no weight and is not computed.
+        robust = ibp_loss(model, x, y, eps_now) if kappa_now < 1.0 else torch.zeros((), device=ce.device)
+        loss = kappa_now * ce + (1.0 - kappa_now) * robust
         return StepOutput(loss, logits, {"ce": ce.item(), "ce_ibp": float(robust.item()), "eps": eps_now,
                                          "kappa": kappa_now})
 
