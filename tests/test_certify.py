@@ -205,7 +205,7 @@ def test_minimal_eps_milp_brackets_the_closed_form():
     assert r.lower < 0.1 <= r.upper + 1e-6
 
 
-@pytest.mark.parametrize("seed", [0, 1, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3])
 def test_verify_and_minimal_eps_agree_with_brute_force_on_a_grid(seed):
     net = random_net(seed)
     x0 = torch.rand(1, 1, 1, 2, generator=torch.Generator().manual_seed(seed))
