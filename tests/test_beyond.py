@@ -465,3 +465,15 @@ def test_an_attack_on_an_ensemble_leaves_its_members_as_found(model, batch):
     A.pgd(A.Ensemble([model, build_model("mlp", hidden=16)]), x, y, eps=0.1, steps=2)
     _unchanged(model, before)
     model.eval()
+
+
+def test_every_public_function_is_documented_and_exported():
+    public = (A.rotate_translate, A.spatial_grid_search, A.spatial_pgd_search, A.spatial_grid, A.spatial_pgd,
+              A.square_trace, A.square, A.square_fraction, A.apply_patch, A.random_positions, A.train_patch,
+              A.patch_attack, A.transfer_attack)
+    for fn in public:
+        assert fn.__doc__ and len(fn.__doc__) > 40, fn.__name__
+        assert "return" in fn.__annotations__, fn.__name__
+        assert fn.__name__ in A.__all__
+    for fn in (A.rotate_translate, A.spatial_grid_search, A.square_trace, A.train_patch, A.transfer_attack):
+        assert "Chapter 10" in fn.__doc__, fn.__name__

@@ -65,7 +65,7 @@ def apply_patch(x: torch.Tensor, patch: torch.Tensor, positions: torch.Tensor) -
     n, _, h, w = x.shape
     s = patch.shape[1]
     if not isinstance(positions, torch.Tensor) or positions.shape != (n, 2) or positions.is_floating_point():
-        raise ValueError(f"positions must be an integer tensor [N, 2] of (row, col) for N = {n} images, got "
+        raise ValueError(f"positions must be a tensor [N, 2] of integer (row, col) pairs for N = {n} images, got "
                          f"{tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__}")
     pos = positions.to(x.device, torch.long)
     if n and (int(pos.min()) < 0 or int(pos[:, 0].max()) > h - s or int(pos[:, 1].max()) > w - s):

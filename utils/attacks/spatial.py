@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import integer, real
+from ..checks import flag, integer, real
 from ..models import eval_mode
 from ..train import StepOutput
 from .core import (LOSSES, Loss, LossFn, attacking_batch, check_inputs, check_output, generator_or_none,
@@ -219,8 +219,7 @@ def spatial_pgd_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ma
     steps = integer("steps", steps, low=0)
     alpha_angle = 2.5 * max_angle / max(steps, 1) if alpha_angle is None else real("alpha_angle", alpha_angle)
     alpha_shift = 2.5 * max_shift / max(steps, 1) if alpha_shift is None else real("alpha_shift", alpha_shift)
-    if not isinstance(random_start, bool):
-        raise TypeError(f"random_start must be True or False, got {random_start!r}")
+    random_start = flag("random_start", random_start)
     loss_fn = loss_fn_of(loss, LOSSES)
     generator = generator_or_none(generator)
     with attacking_batch(model, x, y) as (x0, y0):
