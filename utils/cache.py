@@ -60,7 +60,8 @@ TRAINING_CODE = ("utils.attacks.core", "utils.attacks.gradient", "utils.cache", 
 
 #: The modules that do not change a trained model (a test checks that every module is in one list).
 OUTSIDE_TRAINING_CODE = ("utils", "utils.attacks", "utils.attacks.apgd", "utils.attacks.cw",
-                         "utils.attacks.noise", "utils.config", "utils.data", "utils.plot",
+                         "utils.attacks.noise", "utils.attacks.patch", "utils.attacks.spatial",
+                         "utils.attacks.square", "utils.attacks.transfer", "utils.config", "utils.data", "utils.plot",
                          "utils.robustness", "utils.widgets", "utils.zoo")
 
 
