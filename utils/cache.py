@@ -62,9 +62,10 @@ TRAINING_CODE = ("utils.attacks.core", "utils.attacks.gradient", "utils.augment"
 #: define (TRADES, :mod:`utils.trades`: its fingerprint joins those models' keys alone, see
 #: :meth:`ModelSpec.training_code`). A test checks that every module is in one list.
 OUTSIDE_TRAINING_CODE = ("utils", "utils.attacks", "utils.attacks.apgd", "utils.attacks.cw",
-                         "utils.attacks.noise", "utils.certify", "utils.config", "utils.data", "utils.plot",
-                         "utils.robustness", "utils.smoothing", "utils.trades", "utils.verify", "utils.widgets",
-                         "utils.zoo")
+                         "utils.attacks.noise", "utils.attacks.patch", "utils.attacks.spatial",
+                         "utils.attacks.square", "utils.attacks.transfer", "utils.certify", "utils.config",
+                         "utils.data", "utils.plot", "utils.robustness", "utils.smoothing", "utils.trades",
+                         "utils.verify", "utils.widgets", "utils.zoo")
 
 
 class CacheWarning(UserWarning):
