@@ -38,3 +38,21 @@ def mnist5k_fast():
 def tiny_batch(mnist5k_fast):
     torch.manual_seed(0)
     return mnist5k_fast.x_test[:64].clone(), mnist5k_fast.y_test[:64].clone()
+
+
+@pytest.fixture(scope="module")
+def mlp64(mnist5k_fast):
+    """A perceptron with 64 hidden units trained for five epochs on the fast subset (above 85% clean):
+    the model the attack tests (APGD, chapter 10's attacks) run against. Built once per module."""
+    from utils.evaluate import accuracy
+    from utils.models import build_model
+    from utils.objectives import CrossEntropy
+    from utils.train import fit
+
+    torch.manual_seed(0)
+    net = build_model("mlp", hidden=64)
+    fit(net, mnist5k_fast.x_train, mnist5k_fast.y_train, CrossEntropy(), epochs=5, batch_size=32, lr=3e-3,
+        progress=False)
+    net.eval()
+    assert accuracy(net, mnist5k_fast.x_test, mnist5k_fast.y_test) > 0.85
+    return net

@@ -20,22 +20,13 @@ from torch import nn
 from utils import attacks as A
 from utils.evaluate import accuracy, predict
 from utils.models import build_model
-from utils.objectives import CrossEntropy
-from utils.train import fit
 
 
 # --------------------------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: the model is tiny, and threads waiting for each other on a shared CPU
-    only slow the attacks down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +35,8 @@ def data(mnist5k_fast):
 
 
 @pytest.fixture(scope="module")
-def model(data):
-    torch.manual_seed(0)
-    net = build_model("mlp", hidden=64)
-    fit(net, data.x_train, data.y_train, CrossEntropy(), epochs=5, batch_size=32, lr=3e-3, progress=False)
-    net.eval()
-    assert accuracy(net, data.x_test, data.y_test) > 0.85
-    return net
+def model(mlp64):
+    return mlp64
 
 
 @pytest.fixture(scope="module")
