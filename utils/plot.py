@@ -11,6 +11,16 @@ import torch
 from .energy import EnergySummary
 
 
+# The widest a figure is drawn, in inches: the book's content column is about 750 px wide, and at
+# matplotlib's 100 dpi a wider figure would be shown scaled down, its text with it.
+MAX_WIDTH = 7.5
+
+
+def _fit(size: float, ncols: int) -> float:
+    """The panel size that keeps ``ncols`` panels within :data:`MAX_WIDTH`."""
+    return min(size, MAX_WIDTH / max(ncols, 1))
+
+
 def _img(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu().float()
     if t.dim() == 3:
@@ -35,6 +45,7 @@ def show_images(
         raise ValueError("show_images needs at least one image")
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
+    size = _fit(size, ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)),
                              squeeze=False)
     for i, ax in enumerate(axes.flat):
@@ -67,6 +78,7 @@ def show_perturbations(
     n = len(x)
     delta = (x_adv - x).detach().cpu()
     scale = float(delta.abs().max()) or 1.0
+    size = _fit(size, n)
     fig, axes = plt.subplots(3, n, figsize=(size * n, size * 3 + 0.3), squeeze=False)
     for i in range(n):
         truth = "" if labels is None else f" (y={int(labels[i])})"
@@ -112,7 +124,7 @@ def plot_confusion(cm: torch.Tensor, *, title: str = "", ax=None):
 def plot_history(history, *, title: str = ""):
     """Training loss and train/test accuracy per epoch of a :class:`utils.train.History`."""
     epochs = history.column("epoch")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(MAX_WIDTH, 3.0))
     axes[0].plot(epochs, history.column("train_loss"), marker="o", label="train")
     test_loss = history.column("test_loss")
     if any(v is not None for v in test_loss):
@@ -188,7 +200,7 @@ def plot_logit_summary(summary: EnergySummary, *, class_names: Sequence[str] | N
     """Bars of the logits and of the softmax probabilities of one logit vector, with its energy."""
     k = len(summary.logits)
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    fig, axes = plt.subplots(1, 2, figsize=(MAX_WIDTH, 3))
     colors = ["tab:orange" if i == summary.prediction else "tab:blue" for i in range(k)]
     axes[0].bar(names, summary.logits, color=colors)
     axes[0].axhline(-summary.energy, color="k", ls="--", lw=1, label=f"-E = {-summary.energy:.3f}")

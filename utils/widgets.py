@@ -1,6 +1,16 @@
 """Interactive explorers. Each is thin wiring of ipywidgets around a pure function that the tests
-check directly; each chapter shows a static figure of the explorer's default state beside it, so
-the page reads fully without a running kernel."""
+check directly.
+
+Two kinds:
+
+* :func:`frame_explorer` draws every combination of a few control values once, when the cell runs,
+  and switches between the finished frames in the browser (nested ``Stack`` widgets whose
+  ``selected_index`` is ``jslink``-ed to the sliders). It needs no kernel, so it works in the
+  published HTML book as well as in Jupyter and Colab. The chapters' explorers are of this kind;
+  :func:`attack_frames` and :func:`logit_frames` are their drawing functions.
+* :func:`logit_explorer`, :func:`perturbation_explorer` and :func:`attack_explorer` recompute for any
+  value, so they need a running kernel: in a published page their figure stays as it was drawn.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +24,157 @@ from .evaluate import predict
 from .plot import plot_logit_summary, show_perturbations
 
 Perturb = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+MAX_FRAMES = 200  # a frame is a PNG of a few kB to a few tens of kB, saved inside the page
+
+
+def _options(values) -> list[tuple[str, object]]:
+    """``[(label, value), ...]`` from a sequence of values or of ``(label, value)`` pairs."""
+    out = []
+    for v in values:
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+            out.append(v)
+        else:
+            out.append((f"{v:g}" if isinstance(v, float) else str(v), v))
+    if not out:
+        raise ValueError("every control needs at least one value")
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"the labels of a control must differ, got {labels}")
+    return out
+
+
+def figure_png(fig, dpi: float = 80) -> bytes:
+    """The figure as PNG bytes (tight bounding box); the figure is closed."""
+    import io
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def frame_explorer(render: Callable[..., object], controls: Mapping[str, Sequence], *, dpi: float = 80,
+                   initial: Mapping[str, object] | None = None):
+    """An explorer that works without a kernel: every frame is drawn now, the browser switches.
+
+    ``controls`` maps a keyword of ``render`` to its values (or ``(label, value)`` pairs), in the
+    order the sliders appear; ``render(**values)`` returns a matplotlib figure, or ``(figure, text)``
+    where ``text`` is a line of HTML shown above the figure. Every combination is drawn once
+    (at most :data:`MAX_FRAMES`), as a PNG at ``dpi``. The first control selects among nested
+    ``Stack`` widgets, the second among the stacks inside each of those, and so on; each slider's
+    ``index`` is linked in the browser (``jslink``) to the ``selected_index`` of every stack of its
+    level, so moving a slider shows another finished frame with no kernel behind the page.
+    ``initial`` picks the starting value of some controls. The returned ``VBox`` carries the CSS
+    class ``book-explorer``.
+    """
+    import ipywidgets as W
+
+    if not controls:
+        raise ValueError("frame_explorer needs at least one control")
+    names = list(controls)
+    options = {name: _options(controls[name]) for name in names}
+    total = 1
+    for name in names:
+        total *= len(options[name])
+    if total > MAX_FRAMES:
+        raise ValueError(f"{total} frames is more than MAX_FRAMES = {MAX_FRAMES}: use fewer values")
+    start = {}
+    for name, value in (initial or {}).items():
+        if name not in options:
+            raise ValueError(f"initial names an unknown control {name!r}")
+        values = [v for _, v in options[name]]
+        if value not in values:
+            raise ValueError(f"initial value {value!r} of {name!r} is not one of {values}")
+        start[name] = values.index(value)
+
+    sliders = {}
+    for name in names:
+        labels = [label for label, _ in options[name]]
+        cls = W.SelectionSlider if len(labels) > 1 else W.Dropdown
+        sliders[name] = cls(options=labels, index=start.get(name, 0), description=name,
+                            continuous_update=True, style={"description_width": "initial"},
+                            layout=W.Layout(width="320px"))
+    stacks_at: list[list] = [[] for _ in names]
+
+    def build(level: int, fixed: dict):
+        if level == len(names):
+            drawn = render(**fixed)
+            fig, text = drawn if isinstance(drawn, tuple) else (drawn, None)
+            image = W.Image(value=figure_png(fig, dpi), format="png")
+            return W.VBox([W.HTML(text), image]) if text is not None else image
+        name = names[level]
+        children = [build(level + 1, {**fixed, name: value}) for _, value in options[name]]
+        stack = W.Stack(children=children, selected_index=start.get(name, 0))
+        stacks_at[level].append(stack)
+        return stack
+
+    frames = build(0, {})
+    links = [W.jslink((sliders[name], "index"), (stack, "selected_index"))
+             for name, stacks in zip(names, stacks_at) for stack in stacks]
+    box = W.VBox([W.HBox(list(sliders.values()), layout=W.Layout(flex_flow="row wrap")), frames])
+    box.add_class("book-explorer")
+    box.links = links  # keep the links alive with the widget
+    box.frame_count = total
+    return box
+
+
+def attack_frame(case: "AttackCase", *, title: str = ""):
+    """One explorer frame: clean digit, perturbation and attacked digit side by side, with the
+    predictions; returns ``(figure, status line)``."""
+    fig, axes = plt.subplots(1, 3, figsize=(5.4, 2.2))
+    delta = (case.x_adv - case.x)[0]
+    bound = max(float(delta.abs().max()), 1e-6)
+    axes[0].imshow(case.x[0, 0], cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title(f"label {case.label}, predicted {case.pred_clean}", fontsize=9)
+    axes[1].imshow(delta[0], cmap="RdBu_r", vmin=-bound, vmax=bound)
+    axes[1].set_title(f"δ: max |δ| = {case.linf:.2f}, ‖δ‖₂ = {case.l2:.2f}", fontsize=9)
+    axes[2].imshow(case.x_adv[0, 0], cmap="gray", vmin=0, vmax=1)
+    axes[2].set_title(f"predicted {case.pred_adv} (p = {case.prob_adv:.2f})", fontsize=9,
+                      color="crimson" if case.pred_adv != case.label else "black")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    verdict = "success" if case.success else "no success"
+    goal = "untargeted" if case.target is None else f"target {case.target}"
+    return fig, f"{goal}: prediction {case.pred_clean} → <b>{case.pred_adv}</b> · {verdict}"
+
+
+def attack_frames(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Callable, *,
+                  digit_key: str = "digit", goal_key: str | None = None, title: Callable[..., str] | None = None):
+    """A ``render`` function for :func:`frame_explorer` that attacks one digit with one setting.
+
+    ``render(digit=i, goal=None|k, **params)`` runs :func:`run_attack_case` on digit ``i`` of
+    ``(x, y)`` (targeted at ``k`` when a goal control is named and not None) and draws it with
+    :func:`attack_frame`."""
+    def render(**values):
+        values = dict(values)
+        index = int(values.pop(digit_key))
+        target = values.pop(goal_key) if goal_key is not None else None
+        case = run_attack_case(model, x, y, attack, index, target, **values)
+        return attack_frame(case, title=title(**values) if title else "")
+
+    return render
+
+
+def logit_frames(logits: Sequence[float] = (2.0, 1.0, 0.1)):
+    """A ``render`` function for :func:`frame_explorer`: ``render(shift=s, T=t)`` draws
+    :func:`utils.plot.plot_logit_summary` for ``logits + s`` at temperature ``t``."""
+    base = [float(v) for v in logits]
+
+    def render(shift: float = 0.0, T: float = 1.0):
+        summary = summarize_logits([v + shift for v in base], T)
+        fig = plot_logit_summary(summary)[0]
+        text = (f"logits {', '.join(f'{v + shift:.1f}' for v in base)} at T = {T:g}: "
+                f"energy <b>{float(summary.energy):.2f}</b>")
+        return fig, text
+
+    return render
 
 
 def _show(fig) -> None:
