@@ -107,3 +107,119 @@ def test_attack_explorer_passes_sliders_and_targets_to_the_attack():
     assert targeted_case.target == 4 and targeted_case.success == (targeted_case.pred_adv == 4)
     with pytest.raises(ValueError, match="index"):
         widgets.run_attack_case(model, x, y, attack, 9)
+
+
+# --- the kernel-free explorer ---------------------------------------------------------------
+
+def _stacks_by_level(box):
+    """The Stack widgets of a frame explorer, grouped by depth (level 0 is the outermost)."""
+    import ipywidgets as W
+
+    levels, current = [], [box.children[1]]
+    while current and isinstance(current[0], W.Stack):
+        levels.append(current)
+        current = [child for stack in current for child in stack.children]
+    return levels, current
+
+
+def test_frame_explorer_draws_every_combination_once_and_links_each_slider_to_its_level():
+    calls = []
+
+    def render(a, b):
+        calls.append((a, b))
+        fig, ax = plt.subplots(figsize=(1, 1))
+        ax.set_title(f"{a}/{b}")
+        return fig, f"a={a} b={b}"
+
+    box = widgets.frame_explorer(render, {"a": [1, 2, 3], "b": [("low", 0.1), ("high", 0.9)]}, initial={"b": 0.9})
+    assert sorted(calls) == sorted((a, b) for a in (1, 2, 3) for b in (0.1, 0.9)), "each frame drawn exactly once"
+    assert box.frame_count == 6 and "book-explorer" in box._dom_classes
+    sliders = box.children[0].children
+    assert [s.description for s in sliders] == ["a", "b"] and list(sliders[1].options) == ["low", "high"]
+    assert sliders[1].index == 1, "initial picks the starting value"
+    levels, leaves = _stacks_by_level(box)
+    assert [len(level) for level in levels] == [1, 3] and len(leaves) == 6
+    assert all(stack.selected_index == 1 for stack in levels[1])
+    # every stack of level k is jslinked to slider k's index, and nothing else is linked
+    linked = {(id(link.source[0]), link.source[1], id(link.target[0]), link.target[1]) for link in box.links}
+    expected = {(id(sliders[k]), "index", id(stack), "selected_index") for k, level in enumerate(levels) for stack in level}
+    assert linked == expected
+    # leaf i*2+j shows frame (a_i, b_j): its caption says so, and its image is a PNG
+    for i, a in enumerate((1, 2, 3)):
+        for j, b in enumerate((0.1, 0.9)):
+            caption, image = levels[1][i].children[j].children
+            assert caption.value == f"a={a} b={b}" and image.value[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_frame_explorer_refuses_what_it_cannot_show():
+    def render(**_):
+        return plt.subplots()[0]
+
+    with pytest.raises(ValueError, match="MAX_FRAMES"):
+        widgets.frame_explorer(render, {"a": range(20), "b": range(20)})
+    with pytest.raises(ValueError, match="not one of"):
+        widgets.frame_explorer(render, {"a": [1, 2]}, initial={"a": 3})
+    with pytest.raises(ValueError, match="unknown control"):
+        widgets.frame_explorer(render, {"a": [1, 2]}, initial={"z": 1})
+    with pytest.raises(ValueError, match="labels"):
+        widgets.frame_explorer(render, {"a": [("x", 1), ("x", 2)]})
+    with pytest.raises(ValueError, match="at least one"):
+        widgets.frame_explorer(render, {})
+
+
+def test_attack_frames_attack_the_chosen_digit_towards_the_chosen_goal():
+    seen = []
+
+    def attack(model, x, y, *, eps, targeted=False):
+        seen.append((float(x.sum()), int(y), eps, targeted))
+        return (x + eps).clamp(0, 1)
+
+    model = build_model("mlp", hidden=8)
+    x = torch.rand(3, 1, 28, 28)
+    y = torch.tensor([1, 2, 3])
+    render = widgets.attack_frames(model, x, y, attack, goal_key="goal")
+    fig, text = render(digit=2, goal=7, eps=0.25)
+    assert seen == [(float(x[2].sum()), 7, 0.25, True)]
+    assert text.startswith("target 7") and len(fig.axes) == 3
+    plt.close(fig)
+    fig, text = render(digit=0, goal=None, eps=0.0)
+    assert seen[-1] == (float(x[0].sum()), 1, 0.0, False) and text.startswith("untargeted")
+    plt.close(fig)
+
+
+def test_logit_frames_shift_moves_the_energy_not_the_softmax():
+    render = widgets.logit_frames((2.0, 1.0, 0.1))
+    energies = []
+    for shift in (0.0, 3.0):
+        fig, text = render(shift=shift, T=1.0)
+        energies.append(float(text.split("<b>")[1].split("</b>")[0]))
+        plt.close(fig)
+    assert energies[1] == pytest.approx(energies[0] - 3.0, abs=0.01)
+
+
+def test_figures_fit_the_content_column():
+    """Grids of digits are drawn at most plot.MAX_WIDTH inches wide, whatever the panel size asked."""
+    fig, _ = plot.show_images(torch.rand(24, 1, 28, 28), ncols=12, size=1.2)
+    assert fig.get_figwidth() <= plot.MAX_WIDTH + 1e-9
+    plt.close(fig)
+    x = torch.rand(10, 1, 28, 28)
+    fig, _ = plot.show_perturbations(x, x, torch.zeros(10), torch.zeros(10), size=2.0)
+    assert fig.get_figwidth() <= plot.MAX_WIDTH + 1e-9
+    plt.close(fig)
+
+
+def test_models_attack_frames_attack_the_chosen_model():
+    seen = []
+
+    def attack(model, x, y, *, eps):
+        seen.append((model.tag, eps))
+        return x
+
+    a, b = build_model("mlp", hidden=8), build_model("mlp", hidden=8)
+    a.tag, b.tag = "a", "b"
+    render = widgets.models_attack_frames({"first": a, "second": b}, torch.rand(2, 1, 28, 28), torch.tensor([0, 1]), attack)
+    fig, text = render(model="second", digit=1, eps=0.3)
+    assert seen == [("b", 0.3)] and fig._suptitle.get_text() == "second: eps = 0.3"
+    plt.close(fig)
+    with pytest.raises(ValueError, match="unknown model"):
+        render(model="third", digit=0, eps=0.1)

@@ -127,11 +127,11 @@ def attack_frame(case: "AttackCase", *, title: str = ""):
     fig, axes = plt.subplots(1, 3, figsize=(5.4, 2.2))
     delta = (case.x_adv - case.x)[0]
     bound = max(float(delta.abs().max()), 1e-6)
-    axes[0].imshow(case.x[0, 0], cmap="gray", vmin=0, vmax=1)
+    axes[0].imshow(case.x[0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
     axes[0].set_title(f"label {case.label}, predicted {case.pred_clean}", fontsize=9)
-    axes[1].imshow(delta[0], cmap="RdBu_r", vmin=-bound, vmax=bound)
+    axes[1].imshow(delta[0].numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound)
     axes[1].set_title(f"δ: max |δ| = {case.linf:.2f}, ‖δ‖₂ = {case.l2:.2f}", fontsize=9)
-    axes[2].imshow(case.x_adv[0, 0], cmap="gray", vmin=0, vmax=1)
+    axes[2].imshow(case.x_adv[0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
     axes[2].set_title(f"predicted {case.pred_adv} (p = {case.prob_adv:.2f})", fontsize=9,
                       color="crimson" if case.pred_adv != case.label else "black")
     for ax in axes:
@@ -342,3 +342,26 @@ def attack_explorer(
         w.observe(redraw, names="value")
     redraw()
     return W.VBox([W.HBox(widgets_[:3]), W.HBox(widgets_[3:]), status, out])
+
+
+def models_attack_frames(models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor, attack: Callable,
+                         *, model_key: str = "model", digit_key: str = "digit"):
+    """Like :func:`attack_frames`, with one more control: which of ``models`` is attacked.
+
+    ``render(model=name, digit=i, **params)`` attacks digit ``i`` of ``(x, y)`` on ``models[name]``
+    with ``attack(model, x, y, **params)`` (untargeted) and draws it with :func:`attack_frame`; the
+    title names the model and the parameters."""
+    if not models:
+        raise ValueError("models_attack_frames needs at least one model")
+
+    def render(**values):
+        values = dict(values)
+        name = values.pop(model_key)
+        if name not in models:
+            raise ValueError(f"unknown model {name!r}; the explorer has {list(models)}")
+        index = int(values.pop(digit_key))
+        case = run_attack_case(models[name], x, y, attack, index, None, **values)
+        params = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items())
+        return attack_frame(case, title=f"{name}: {params}")
+
+    return render
