@@ -20,7 +20,7 @@ page, and a chapter with widget outputs must have such an explorer.
 
 ``test_figures_are_legible`` checks, at the desktop size, that no figure of a cell output
 (explorer frames included) is shrunk below 75 % of its natural width, where matplotlib's 10 pt
-text would drop under ~10 px.  The chapters in ``AWAITING_REEXECUTION`` still carry figures
+text would drop under ~10 px.  The chapters in ``FIGURES_PREDATE_STYLE`` still carry figures
 drawn before the book's figure size: that test is a strict expected failure for them, so once a
 re-executed chapter passes, the test fails until it is removed from the set.
 
@@ -80,7 +80,7 @@ VIEWPORTS = {
 # Chapters whose committed outputs predate the book's figure size (utils/plot.py): the page shrinks
 # their figures below a legible scale, and re-executing the notebook fixes them. Only
 # test_figures_are_legible expects them to fail, strictly (tests/book_state.py, one list for all tests).
-from book_state import AWAITING_REEXECUTION  # noqa: E402
+from book_state import FIGURES_PREDATE_STYLE  # noqa: E402
 
 # A figure may be shown at no less than this fraction of its natural width: matplotlib's 10 pt
 # text at 100 dpi is ~14 px high, so it stays at or above ~10 px.
@@ -679,9 +679,9 @@ def test_page_renders_offline(browser, base_url, viewport, doc):
 @pytest.mark.parametrize("doc", [
     pytest.param(doc, marks=pytest.mark.xfail(
         strict=True, raises=AssertionError,
-        reason="its committed figures predate the book's figure size (AWAITING_REEXECUTION); "
-               "if this test passes, the chapter was re-executed: remove it from AWAITING_REEXECUTION"))
-    if doc in AWAITING_REEXECUTION else doc
+        reason="its committed figures predate the book's figure size (FIGURES_PREDATE_STYLE); "
+               "if this test passes, the chapter was re-executed: remove it from FIGURES_PREDATE_STYLE"))
+    if doc in FIGURES_PREDATE_STYLE else doc
     for doc in DOCS
 ])
 def test_figures_are_legible(browser, base_url, doc):
