@@ -9,15 +9,9 @@ expected failures, strictly: a chapter that passes makes its test fail until it 
 
 #: Chapters whose Colab install cell is not yet pinned to the commit that produced the outputs.
 AWAITING_REEXECUTION: frozenset[str] = frozenset({
-    "notebooks/07_logit_pairing",
-    "notebooks/08_enaet",
     "notebooks/09_evaluation",
     "notebooks/10_beyond_the_ball",
-    "notebooks/11_certified",
 })
 
 #: Chapters whose committed figures are wider than the content column allows (shown below 75%).
-FIGURES_PREDATE_STYLE: frozenset[str] = frozenset({
-    "notebooks/07_logit_pairing",
-    "notebooks/08_enaet",
-})
+FIGURES_PREDATE_STYLE: frozenset[str] = frozenset()
