@@ -106,7 +106,7 @@ def test_the_noise_pattern_catches_what_it_must():
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 
-from book_state import AWAITING_REEXECUTION  # noqa: E402
+from book_state import AWAITING_REEXECUTION, OUTPUTS_SHOW_MACHINE_PATH  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "scripts" / "execute_notebooks.py")
 execute_notebooks = importlib.util.module_from_spec(_spec)
@@ -182,3 +182,20 @@ def test_pinning_rewrites_the_install_cell(tmp_path):
     with pytest.raises(SystemExit):
         execute_notebooks.pin_install_cell(nb, "https://github.com/a/b", "f" * 40)
     assert not execute_notebooks.pin_install_cell(nbformat.v4.new_notebook(), "https://github.com/a/b", "f" * 40)
+
+
+_MACHINE_PATH = re.compile(r"/root/|/home/|/tmp/|C:\\Users|site-packages", re.I)
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="outputs predate the fallback line without "
+                                            "folders; re-execute with scripts/execute_notebooks.py"))
+    if f"notebooks/{p.stem}" in OUTPUTS_SHOW_MACHINE_PATH else p
+    for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
+def test_outputs_show_no_folder_of_the_executing_machine(path):
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            text = out.get("text", "") + str(out.get("data", {}).get("text/plain", ""))
+            found = _MACHINE_PATH.search(text)
+            assert not found, f"{path.name}: cell {i} prints a machine path: {text[max(0, found.start() - 40):found.end() + 40]!r}"
