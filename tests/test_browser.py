@@ -80,15 +80,13 @@ VIEWPORTS = {
 # Chapters whose committed outputs predate the book's figure size (utils/plot.py): the page shrinks
 # their figures below a legible scale, and re-executing the notebook fixes them. Only
 # test_figures_are_legible expects them to fail, strictly (tests/book_state.py, one list for all tests).
-from book_state import FIGURES_PREDATE_STYLE, OUTPUTS_SHOW_MACHINE_PATH  # noqa: E402
+from book_state import FIGURES_PREDATE_STYLE, MACHINE_PATH, OUTPUTS_SHOW_MACHINE_PATH  # noqa: E402
 
 # A figure may be shown at no less than this fraction of its natural width: matplotlib's 10 pt
 # text at 100 dpi is ~14 px high, so it stays at or above ~10 px.
 MIN_FIGURE_SCALE = 0.75
 # Pages that must show the leaderboard as an HTML table with a "model" and a "worst..." column.
 LEADERBOARD_DOCS = {"notebooks/09_evaluation", "book/results"}
-# Paths of the machine that executed a notebook, which a reader must not see.
-MACHINE_PATH = re.compile(r"/root/|/home/|/tmp/|C:\\Users|site-packages", re.I)
 # How far (px) an element may reach past the text column before it counts as clipped.
 CLIP_TOLERANCE_PX = 2
 

@@ -106,11 +106,18 @@ def test_the_noise_pattern_catches_what_it_must():
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 
-from book_state import AWAITING_REEXECUTION, OUTPUTS_SHOW_MACHINE_PATH  # noqa: E402
+from book_state import AWAITING_REEXECUTION, MACHINE_PATH, OUTPUTS_SHOW_MACHINE_PATH  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "scripts" / "execute_notebooks.py")
 execute_notebooks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(execute_notebooks)
+
+
+def _notebooks_expecting_failure(pending: frozenset[str], what: str) -> list:
+    """Every notebook, those named in ``pending`` (book_state) marked as strict expected failures."""
+    mark = pytest.mark.xfail(strict=True, reason=f"outputs predate {what}; re-execute with scripts/execute_notebooks.py")
+    return [pytest.param(p, marks=mark, id=p.name) if f"notebooks/{p.stem}" in pending else pytest.param(p, id=p.name)
+            for p in NOTEBOOKS]
 
 
 def _install_cell(nb) -> str:
@@ -141,11 +148,7 @@ def _pin_problems(path: Path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="outputs predate the pinned install cell; "
-                                            "re-execute with scripts/execute_notebooks.py"))
-    if f"notebooks/{p.stem}" in AWAITING_REEXECUTION else p
-    for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", _notebooks_expecting_failure(AWAITING_REEXECUTION, "the pinned install cell"))
 def test_colab_cell_installs_the_commit_that_produced_the_outputs(path):
     problems = _pin_problems(path)
     assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
@@ -184,18 +187,12 @@ def test_pinning_rewrites_the_install_cell(tmp_path):
     assert not execute_notebooks.pin_install_cell(nbformat.v4.new_notebook(), "https://github.com/a/b", "f" * 40)
 
 
-_MACHINE_PATH = re.compile(r"/root/|/home/|/tmp/|C:\\Users|site-packages", re.I)
 
-
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="outputs predate the fallback line without "
-                                            "folders; re-execute with scripts/execute_notebooks.py"))
-    if f"notebooks/{p.stem}" in OUTPUTS_SHOW_MACHINE_PATH else p
-    for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", _notebooks_expecting_failure(OUTPUTS_SHOW_MACHINE_PATH, "the fallback line without folders"))
 def test_outputs_show_no_folder_of_the_executing_machine(path):
     nb = nbformat.read(path, as_version=4)
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
             text = out.get("text", "") + str(out.get("data", {}).get("text/plain", ""))
-            found = _MACHINE_PATH.search(text)
+            found = MACHINE_PATH.search(text)
             assert not found, f"{path.name}: cell {i} prints a machine path: {text[max(0, found.start() - 40):found.end() + 40]!r}"
