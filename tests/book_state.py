@@ -13,10 +13,7 @@ import re
 MACHINE_PATH = re.compile(r"/root/|/home/|/tmp/|C:\\Users|site-packages", re.I)
 
 #: Chapters whose Colab install cell is not yet pinned to the commit that produced the outputs.
-AWAITING_REEXECUTION: frozenset[str] = frozenset({
-    "notebooks/09_evaluation",
-    "notebooks/10_beyond_the_ball",
-})
+AWAITING_REEXECUTION: frozenset[str] = frozenset({"notebooks/09_evaluation"})
 
 #: Chapters whose committed figures are wider than the content column allows (shown below 75%).
 FIGURES_PREDATE_STYLE: frozenset[str] = frozenset()
