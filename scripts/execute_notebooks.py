@@ -18,7 +18,9 @@ timestamps and similar) and execution counts are renumbered 1..n in cell order, 
 re-executing an unchanged notebook changes as little as possible.
 
 The package a page was made with is recorded: the notebook's metadata gets ``advbook.commit`` (the
-commit checked out while it ran) and ``advbook.profile``, and the Colab install cell (the first code
+commit checked out while it ran), ``advbook.profile`` and the measured run (wall time, CPU cores,
+threads, GPU, the models the run had to train, whether other work shared the machine), the chapter's
+header gets a line that states that measurement (:func:`runtime_text`), and the Colab install cell (the first code
 cell, starting ``# Colab only``) is rewritten to install exactly that commit from the repository
 named in ``_config.yml`` (``repository.url``, the one place the address is written). So that the
 commit really holds the code that ran, the script refuses to run while ``utils/`` or
@@ -94,6 +96,59 @@ def pin_install_cell(nb: nbformat.NotebookNode, url: str, commit: str) -> bool:
                            if "package `utils`" in first and "reference attack library" not in first else cell.source)
             return True
     return False
+
+
+#: The header line that states how long the page took to execute; :func:`stamp_runtime` writes it.
+RUNTIME_LINE = re.compile(r"^\*Measured when this page was built:[^\n]*\*$", re.M)
+
+
+def runtime_text(run: dict) -> str:
+    """The header line for a run recorded as ``nb.metadata.advbook``: wall time, profile, the
+    machine (CPU cores, threads, GPU), which models had to be trained, and whether other work
+    shared the machine."""
+    minutes = run["seconds"] / 60
+    took = f"{minutes:.1f} min" if minutes >= 1 else f"{run['seconds']:.0f} s"
+    machine = f"{run['cpus']} CPU core{'s' if run['cpus'] != 1 else ''}"
+    if run.get("gpu"):
+        machine += f" and a GPU ({run['gpu']})"
+    else:
+        machine += f", {run['threads']} PyTorch thread{'s' if run['threads'] != 1 else ''}, no GPU"
+    trained = run.get("trained") or []
+    models = ("with every model it needs already cached" if not trained else
+              "including the training of " + ", ".join(f"`{n}`" for n in trained))
+    shared = "; other jobs shared the machine, so a quiet one is faster" if run.get("shared") else ""
+    return (f"*Measured when this page was built: {took} of wall time on {machine}, "
+            f"{run['profile']} profile, {models}{shared}.*")
+
+
+def stamp_runtime(nb: nbformat.NotebookNode, text: str) -> None:
+    """Put ``text`` (a :func:`runtime_text` line) into the first Markdown cell: in place of the
+    line it wrote before, or right after the title."""
+    cell = next((c for c in nb.cells if c.cell_type == "markdown"), None)
+    if cell is None:
+        raise SystemExit("error: the notebook has no Markdown cell to state its runtime in")
+    if RUNTIME_LINE.search(cell.source):
+        cell.source = RUNTIME_LINE.sub(lambda _: text, cell.source, count=1)
+        return
+    title, sep, rest = cell.source.partition("\n")
+    if not title.startswith("# "):
+        raise SystemExit("error: the first Markdown cell does not start with the chapter's title")
+    cell.source = f"{title}\n\n{text}\n" + (f"\n{rest.lstrip(chr(10))}" if rest.strip() else "")
+
+
+def cached_models() -> set[str]:
+    """The names of the trained models in the model cache (``<name>-<key>.pt``)."""
+    root = Path(os.environ.get("ADVBOOK_CACHE") or Path.home() / ".cache" / "advbook") / "models"
+    return {p.name for p in root.glob("*.pt")} if root.is_dir() else set()
+
+
+def machine() -> dict:
+    """CPU cores, the PyTorch threads a kernel will use, and the GPU if there is one."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    threads = int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
+    return {"cpus": os.cpu_count() or 1, "threads": threads, "gpu": gpu}
 
 
 def clean(nb: nbformat.NotebookNode) -> None:
@@ -172,6 +227,7 @@ def execute(path: Path, timeout: int, kernel: str, pin: tuple[str, str, str]) ->
         store_widget_state=True,
         record_timing=False,
     )
+    before = cached_models()
     start = time.perf_counter()
     try:
         client.execute()
@@ -185,6 +241,12 @@ def execute(path: Path, timeout: int, kernel: str, pin: tuple[str, str, str]) ->
             print("    " + "\n    ".join(detail[-15:]), flush=True)
         return False, seconds
     seconds = time.perf_counter() - start
+    run = {"commit": commit, "profile": profile, "seconds": round(seconds, 1), **machine(),
+           "trained": sorted({name.rsplit("-", 1)[0] for name in cached_models() - before}),
+           # the 5-minute load average beyond the kernel's own threads: other work was running
+           "shared": os.getloadavg()[1] > machine()["threads"] + 0.75}
+    nb.metadata["advbook"] = run
+    stamp_runtime(nb, runtime_text(run))
     clean(nb)
     write_atomically(nb, path)
     print(f"ok     {shown(path)} in {seconds:.1f} s", flush=True)

@@ -106,7 +106,8 @@ def test_the_noise_pattern_catches_what_it_must():
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 
-from book_state import AWAITING_REEXECUTION, MACHINE_PATH, OUTPUTS_SHOW_MACHINE_PATH  # noqa: E402
+from book_state import (AWAITING_REEXECUTION, MACHINE_PATH, OUTPUTS_SHOW_MACHINE_PATH,  # noqa: E402
+                        RUNTIME_NOT_RECORDED)
 
 _spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "scripts" / "execute_notebooks.py")
 execute_notebooks = importlib.util.module_from_spec(_spec)
@@ -196,3 +197,40 @@ def test_outputs_show_no_folder_of_the_executing_machine(path):
             text = out.get("text", "") + str(out.get("data", {}).get("text/plain", ""))
             found = MACHINE_PATH.search(text)
             assert not found, f"{path.name}: cell {i} prints a machine path: {text[max(0, found.start() - 40):found.end() + 40]!r}"
+
+
+@pytest.mark.parametrize("path", _notebooks_expecting_failure(RUNTIME_NOT_RECORDED, "recorded runtimes"))
+def test_header_states_the_measured_runtime(path):
+    """The chapter's header states the run recorded in its metadata, word for word, once."""
+    nb = nbformat.read(path, as_version=4)
+    run = nb.metadata.get("advbook", {})
+    assert isinstance(run.get("seconds"), (int, float)) and run["seconds"] > 0, \
+        f"{path.name}: no measured run recorded (advbook.seconds)"
+    header = next(c.source for c in nb.cells if c.cell_type == "markdown")
+    lines = execute_notebooks.RUNTIME_LINE.findall(header)
+    assert lines == [execute_notebooks.runtime_text(run)], f"{path.name}: header says {lines}"
+
+
+def test_runtime_line_is_written_once_and_says_what_was_measured():
+    run = {"commit": "f" * 40, "profile": "full", "seconds": 754.0, "cpus": 2, "threads": 1, "gpu": None,
+           "trained": ["alp", "pgd_at"], "shared": True}
+    text = execute_notebooks.runtime_text(run)
+    for part in ("12.6 min", "2 CPU cores", "1 PyTorch thread", "no GPU", "full profile", "`alp`, `pgd_at`",
+                 "other jobs shared the machine"):
+        assert part in text, (part, text)
+    quiet = execute_notebooks.runtime_text({**run, "seconds": 42.0, "trained": [], "shared": False,
+                                            "gpu": "NVIDIA H200"})
+    assert "42 s" in quiet and "already cached" in quiet and "shared" not in quiet and "NVIDIA H200" in quiet
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# 3 · A chapter\n\nIts introduction."),
+                nbformat.v4.new_markdown_cell("# not the header")]
+    execute_notebooks.stamp_runtime(nb, text)
+    assert nb.cells[0].source == f"# 3 · A chapter\n\n{text}\n\nIts introduction."
+    execute_notebooks.stamp_runtime(nb, quiet)          # a second run replaces the line
+    assert nb.cells[0].source == f"# 3 · A chapter\n\n{quiet}\n\nIts introduction."
+    assert execute_notebooks.RUNTIME_LINE.findall(nb.cells[0].source) == [quiet]
+    assert nb.cells[1].source == "# not the header"
+    nb.cells[0].source = "No title here."
+    with pytest.raises(SystemExit):
+        execute_notebooks.stamp_runtime(nb, text)
