@@ -13,7 +13,7 @@ import re
 MACHINE_PATH = re.compile(r"/root/|/home/|/tmp/|C:\\Users|site-packages", re.I)
 
 #: Chapters whose Colab install cell is not yet pinned to the commit that produced the outputs.
-AWAITING_REEXECUTION: frozenset[str] = frozenset({"notebooks/09_evaluation"})
+AWAITING_REEXECUTION: frozenset[str] = frozenset()
 
 #: Chapters whose committed figures are wider than the content column allows (shown below 75%).
 FIGURES_PREDATE_STYLE: frozenset[str] = frozenset()
@@ -21,12 +21,12 @@ FIGURES_PREDATE_STYLE: frozenset[str] = frozenset()
 #: Chapters whose committed outputs still print a folder of the machine that executed them (the
 #: data fallback line before it named no folder). The browser test leaves this one check to
 #: test_notebooks_committed.py, where it is a strict expected failure.
-OUTPUTS_SHOW_MACHINE_PATH: frozenset[str] = frozenset({"notebooks/09_evaluation"})
+OUTPUTS_SHOW_MACHINE_PATH: frozenset[str] = frozenset()
 
 #: Chapters executed before the script recorded each run's wall time and machine
 #: (``advbook.seconds``) and stated it in the header.
 RUNTIME_NOT_RECORDED: frozenset[str] = frozenset({
     "notebooks/01_energy", "notebooks/02_classifier", "notebooks/03_fgsm", "notebooks/04_pgd", "notebooks/05_cw",
     "notebooks/06_adversarial_training", "notebooks/07_logit_pairing", "notebooks/08_enaet",
-    "notebooks/09_evaluation", "notebooks/10_beyond_the_ball", "notebooks/11_certified",
+    "notebooks/11_certified",
 })
