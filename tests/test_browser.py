@@ -254,7 +254,10 @@ def watched_page(browser, viewport: str = "desktop"):
     context.route("**/*", route)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    page.on("requestfailed", lambda req: None if _is_external(req.url)
+    # net::ERR_ABORTED is the browser cancelling a request itself (the page navigated or was closed
+    # while a font or icon was still loading, which happens on a busy machine); a file that is really
+    # missing still shows, as an HTTP error from the local server.
+    page.on("requestfailed", lambda req: None if _is_external(req.url) or "ERR_ABORTED" in str(req.failure)
             else watch.failed.append(f"{req.url} ({req.failure})"))
     page.on("response", lambda resp: resp.status >= 400
             and watch.bad_status.append(f"{resp.status} {resp.url}"))
