@@ -241,10 +241,11 @@ def execute(path: Path, timeout: int, kernel: str, pin: tuple[str, str, str]) ->
             print("    " + "\n    ".join(detail[-15:]), flush=True)
         return False, seconds
     seconds = time.perf_counter() - start
-    run = {"commit": commit, "profile": profile, "seconds": round(seconds, 1), **machine(),
+    box = machine()
+    run = {"commit": commit, "profile": profile, "seconds": round(seconds, 1), **box,
            "trained": sorted({name.rsplit("-", 1)[0] for name in cached_models() - before}),
            # the 5-minute load average beyond the kernel's own threads: other work was running
-           "shared": os.getloadavg()[1] > machine()["threads"] + 0.75}
+           "shared": os.getloadavg()[1] > box["threads"] + 0.75}
     nb.metadata["advbook"] = run
     stamp_runtime(nb, runtime_text(run))
     clean(nb)
