@@ -26,5 +26,5 @@ OUTPUTS_SHOW_MACHINE_PATH: frozenset[str] = frozenset()
 #: Chapters executed before the script recorded each run's wall time and machine
 #: (``advbook.seconds``) and stated it in the header.
 RUNTIME_NOT_RECORDED: frozenset[str] = frozenset({
-    "notebooks/07_logit_pairing", "notebooks/08_enaet",
+    "notebooks/08_enaet",
 })
