@@ -130,7 +130,7 @@ def stamp_runtime(nb: nbformat.NotebookNode, text: str) -> None:
     if RUNTIME_LINE.search(cell.source):
         cell.source = RUNTIME_LINE.sub(lambda _: text, cell.source, count=1)
         return
-    title, sep, rest = cell.source.partition("\n")
+    title, _, rest = cell.source.partition("\n")
     if not title.startswith("# "):
         raise SystemExit("error: the first Markdown cell does not start with the chapter's title")
     cell.source = f"{title}\n\n{text}\n" + (f"\n{rest.lstrip(chr(10))}" if rest.strip() else "")
@@ -217,7 +217,6 @@ def execute(path: Path, timeout: int, kernel: str, pin: tuple[str, str, str]) ->
     nb = nbformat.read(path, as_version=4)
     url, commit, profile = pin
     pin_install_cell(nb, url, commit)
-    nb.metadata["advbook"] = {"commit": commit, "profile": profile}
     client = NotebookClient(
         nb,
         timeout=timeout,

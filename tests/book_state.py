@@ -18,11 +18,6 @@ AWAITING_REEXECUTION: frozenset[str] = frozenset()
 #: Chapters whose committed figures are wider than the content column allows (shown below 75%).
 FIGURES_PREDATE_STYLE: frozenset[str] = frozenset()
 
-#: Chapters whose committed outputs still print a folder of the machine that executed them (the
-#: data fallback line before it named no folder). The browser test leaves this one check to
-#: test_notebooks_committed.py, where it is a strict expected failure.
-OUTPUTS_SHOW_MACHINE_PATH: frozenset[str] = frozenset()
-
 #: Chapters executed before the script recorded each run's wall time and machine
 #: (``advbook.seconds``) and stated it in the header.
 RUNTIME_NOT_RECORDED: frozenset[str] = frozenset({

@@ -80,7 +80,7 @@ VIEWPORTS = {
 # Chapters whose committed outputs predate the book's figure size (utils/plot.py): the page shrinks
 # their figures below a legible scale, and re-executing the notebook fixes them. Only
 # test_figures_are_legible expects them to fail, strictly (tests/book_state.py, one list for all tests).
-from book_state import FIGURES_PREDATE_STYLE, MACHINE_PATH, OUTPUTS_SHOW_MACHINE_PATH  # noqa: E402
+from book_state import FIGURES_PREDATE_STYLE, MACHINE_PATH  # noqa: E402
 
 # A figure may be shown at no less than this fraction of its natural width: matplotlib's 10 pt
 # text at 100 dpi is ~14 px high, so it stays at or above ~10 px.
@@ -492,9 +492,7 @@ def _reading_problems(page, doc: str) -> list[str]:
 
     text = _article_text(page)
     paths = sorted({m.group(0) for m in MACHINE_PATH.finditer(text)})
-    # A chapter listed in book_state.OUTPUTS_SHOW_MACHINE_PATH is checked by
-    # test_notebooks_committed.py instead, as a strict expected failure until it is re-executed.
-    if paths and doc not in OUTPUTS_SHOW_MACHINE_PATH:
+    if paths:
         at = MACHINE_PATH.search(text).start()
         problems.append(f"machine-specific path(s) {paths} in the page text, first in "
                         f"{text[max(0, at - 60):at + 60]!r}")

@@ -106,8 +106,7 @@ def test_the_noise_pattern_catches_what_it_must():
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 
-from book_state import (AWAITING_REEXECUTION, MACHINE_PATH, OUTPUTS_SHOW_MACHINE_PATH,  # noqa: E402
-                        RUNTIME_NOT_RECORDED)
+from book_state import AWAITING_REEXECUTION, MACHINE_PATH, RUNTIME_NOT_RECORDED  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "scripts" / "execute_notebooks.py")
 execute_notebooks = importlib.util.module_from_spec(_spec)
@@ -188,8 +187,7 @@ def test_pinning_rewrites_the_install_cell(tmp_path):
     assert not execute_notebooks.pin_install_cell(nbformat.v4.new_notebook(), "https://github.com/a/b", "f" * 40)
 
 
-
-@pytest.mark.parametrize("path", _notebooks_expecting_failure(OUTPUTS_SHOW_MACHINE_PATH, "the fallback line without folders"))
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_outputs_show_no_folder_of_the_executing_machine(path):
     nb = nbformat.read(path, as_version=4)
     for i, cell in enumerate(nb.cells):
