@@ -256,6 +256,8 @@ def test_candidate_spec_builds_recipes_on_the_books_budget_with_the_new_knobs():
     assert (trades.objective.beta, trades.objective.steps, trades.objective.eps) == (3.0, 20, 0.3)
     assert (trades.epochs, trades.shift, trades.ema, trades.checkpoint) == (30, 2, 0.995, rule)
     assert candidate_spec("ce", CrossEntropy(), "fast").objective == CrossEntropy()
+    small = candidate_spec("small", "pgd_at", "full", arch="small_cnn", arch_kwargs=(("width", 32),), lr=3e-3)
+    assert (small.arch, small.arch_kwargs, small.lr) == ("small_cnn", (("width", 32),), 3e-3)
     with pytest.raises(ValueError, match="book"):
         candidate_spec("pgd_at", "trades")
     with pytest.raises(ValueError, match="objective"):

@@ -115,7 +115,7 @@ CANDIDATE_OBJECTIVES = ("pgd_at", "trades")
 def candidate_spec(name: str, objective: Objective | str = "pgd_at", profile: config.Profile | str | None = None, *,
                    epochs: int | None = None, steps: int | None = None, warmup: float = 0.25, beta: float = 6.0,
                    shift: int = 0, ema: float = 0.0, checkpoint: BestCheckpoint | None = None,
-                   seed: int = 0) -> ModelSpec:
+                   seed: int = 0, arch: str = "cnn", arch_kwargs: tuple = (), lr: float = 1e-3) -> ModelSpec:
     """A recipe to measure against the book's models: the CNN on the book's defence budget unless
     told otherwise, with the training options of :func:`utils.train.fit` as knobs.
 
@@ -124,7 +124,8 @@ def candidate_spec(name: str, objective: Objective | str = "pgd_at", profile: co
     steps of 2.5·ε/steps (default ``profile.train_pgd_steps``) and ε ramped up over ``warmup`` of
     training, as the book's defences are; or any objective, used as it is. ``epochs`` defaults to
     ``profile.defence_epochs``; ``shift``, ``ema`` and ``checkpoint`` are :class:`ModelSpec`'s (off
-    by default). The name must not be one of the book's models (:data:`BOOK_MODELS`), whose recipes
+    by default). ``arch`` and ``arch_kwargs`` choose the network (:func:`utils.models.build_model`),
+    ``lr`` Adam's learning rate. The name must not be one of the book's models (:data:`BOOK_MODELS`), whose recipes
     are :func:`book_spec`'s alone.
     """
     if not isinstance(profile, config.Profile):
@@ -139,9 +140,9 @@ def candidate_spec(name: str, objective: Objective | str = "pgd_at", profile: co
             objective = PGDAdversarial(eps=DEFENCE_EPS, alpha=None, steps=steps, warmup=warmup)
         else:
             objective = TRADES(eps=DEFENCE_EPS, alpha=None, steps=steps, beta=beta, warmup=warmup)
-    return ModelSpec(name=name, arch="cnn", objective=objective,
+    return ModelSpec(name=name, arch=arch, arch_kwargs=tuple(arch_kwargs), objective=objective,
                      epochs=profile.defence_epochs if epochs is None else epochs, batch_size=profile.batch_size,
-                     lr=1e-3, seed=seed, shift=shift, ema=ema, checkpoint=checkpoint)
+                     lr=lr, seed=seed, shift=shift, ema=ema, checkpoint=checkpoint)
 
 
 def load_book_model(name: str, data: MNISTData, profile: config.Profile | str | None = None,

@@ -1,0 +1,112 @@
+"""Which network, and how many epochs, for the book's adversarially trained models? Measured on validation digits.
+
+Run by hand (not a test)::
+
+    python benchmarks/choose_network.py cnn:32:20 small_cnn:16:100 small_cnn:32:100 [--val 1000]
+                                        [--lr 1e-3] [--json PATH] [--markdown PATH]
+
+Each candidate ``arch:width:epochs`` is trained with the book's PGD-AT recipe
+(:func:`utils.zoo.candidate_spec`: ε = 0.3, 10 PGD steps inside training in the full profile, ε ramped
+up over the first quarter, Adam with a cosine schedule, batch 128, seed 0) on the offline training
+digits *minus* ``--val`` validation digits (:func:`utils.data.validation_split`, stratified, seed 0),
+and then attacked on those validation digits with the book's own evaluation
+(:func:`utils.robustness.book_attacks`: FGSM, PGD-40 with 5 restarts on the cross-entropy and on the
+margin loss, APGD-CE and APGD-T with 100 iterations). The test digits are never touched: the choice of
+network and budget is made here, and the test digits measure the chosen one once, in the chapters.
+
+Printed per candidate: the training time, the time of the five attacks, clean accuracy, each attack's
+accuracy and the per-digit worst case with its standard error. Times are wall-clock on this machine:
+compare candidates measured in one run, on a machine doing nothing else. Models are cached like the
+book's (``ADVBOOK_CACHE``), so a second run only attacks. ``small_cnn`` is
+:class:`architecture.SmallCNN` (this folder); its code is not in the cache key, so delete its cached
+candidates after changing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from architecture import register  # noqa: E402  (benchmarks/architecture.py: the small_cnn candidate)
+from utils import zoo  # noqa: E402
+from utils.cache import load_or_train  # noqa: E402
+from utils.config import get_profile  # noqa: E402
+from utils.data import load_mnist, validation_split  # noqa: E402
+from utils.robustness import book_attacks, robustness_table  # noqa: E402
+
+
+def parse_candidate(text: str) -> tuple[str, int, int]:
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"a candidate is arch:width:epochs, got {text!r}")
+    arch, width, epochs = parts[0], int(parts[1]), int(parts[2])
+    if width < 1 or epochs < 1:
+        raise argparse.ArgumentTypeError(f"width and epochs must be positive, got {text!r}")
+    return arch, width, epochs
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("candidates", nargs="+", type=parse_candidate, metavar="ARCH:WIDTH:EPOCHS")
+    parser.add_argument("--val", type=int, default=1000, help="validation digits carved from the training digits")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--profile", default="full")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args(argv)
+    register()
+    profile = get_profile(args.profile)
+    data = load_mnist(profile)
+    train, x_val, y_val = validation_split(data, args.val)
+    attacks = book_attacks(zoo.DEFENCE_EPS, profile)
+    rows = []
+    for arch, width, epochs in args.candidates:
+        hidden = {"cnn": 200, "small_cnn": 100 if width <= 16 else 200}.get(arch)
+        kwargs = (("width", width),) + ((("hidden", hidden),) if hidden is not None else ())
+        name = f"val_pgd_at_{arch}{width}_e{epochs}_lr{args.lr:g}".replace(".", "p").replace("-", "m")
+        spec = zoo.candidate_spec(name, "pgd_at", profile, epochs=epochs, arch=arch, arch_kwargs=kwargs, lr=args.lr)
+        start = time.perf_counter()
+        tm = load_or_train(spec, train, progress=False)
+        train_s = tm.train_seconds if tm.train_seconds else time.perf_counter() - start
+        start = time.perf_counter()
+        torch.manual_seed(600)
+        table = robustness_table({name: tm.model}, x_val, y_val, attacks, eps=zoo.DEFENCE_EPS, progress=False)
+        attack_s = time.perf_counter() - start
+        acc = table.acc[name]
+        worst = acc["worst case"]
+        row = {"arch": arch, "width": width, "epochs": epochs, "lr": args.lr, "train_s": round(train_s, 1),
+               "attack_s": round(attack_s, 1), "n": len(y_val), **{k: round(v, 4) for k, v in acc.items()},
+               "se": round(math.sqrt(worst * (1 - worst) / len(y_val)), 4)}
+        rows.append(row)
+        print(f"{arch}:{width}:{epochs}  train {train_s / 60:5.1f} min  attacks {attack_s / 60:4.1f} min  "
+              f"clean {acc['clean']:.1%}  " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items()
+                                                       if k not in ("clean", "worst case"))
+              + f"  worst {worst:.1%} ± {row['se']:.1%}", flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.markdown is not None:
+        cols = [k for k in rows[0] if k not in ("arch", "width", "epochs", "lr", "train_s", "attack_s", "n", "se")]
+        lines = ["| network | epochs | training | five attacks | " + " | ".join(cols) + " |",
+                 "|---|---:|---:|---:|" + "---:|" * len(cols)]
+        for r in rows:
+            cells = [f"{r[c]:.1%}" + (f" ± {r['se']:.1%}" if c == "worst case" else "") for c in cols]
+            lines.append(f"| `{r['arch']}` width {r['width']} | {r['epochs']} | {r['train_s'] / 60:.1f} min | "
+                         f"{r['attack_s'] / 60:.1f} min | " + " | ".join(cells) + " |")
+        lines.append(f"\nPGD-AT at ε = {zoo.DEFENCE_EPS}, trained on {len(train.y_train):,} digits, attacked on "
+                     f"{len(y_val):,} validation digits carved from the training digits ({data.source}).")
+        args.markdown.write_text("\n".join(lines) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
