@@ -3,7 +3,7 @@
 Run by hand (not a test)::
 
     python benchmarks/choose_network.py cnn:32:20 small_cnn:16:100 small_cnn:32:100 [--val 1000]
-                                        [--lr 1e-3] [--json PATH] [--markdown PATH]
+                                        [--lr 1e-3] [--shift 0] [--ema 0] [--json PATH] [--markdown PATH]
 
 Each candidate ``arch:width:epochs`` is trained with the book's PGD-AT recipe
 (:func:`utils.zoo.candidate_spec`: ε = 0.3, 10 PGD steps inside training in the full profile, ε ramped
@@ -13,6 +13,9 @@ and then attacked on those validation digits with the book's own evaluation
 (:func:`utils.robustness.book_attacks`: FGSM, PGD-40 with 5 restarts on the cross-entropy and on the
 margin loss, APGD-CE and APGD-T with 100 iterations). The test digits are never touched: the choice of
 network and budget is made here, and the test digits measure the chosen one once, in the chapters.
+
+With ``--json``, rows of earlier runs stay in the file and ``--markdown`` tables them all, so candidates
+with different options can be measured by several runs into one table.
 
 Printed per candidate: the training time, the time of the five attacks, clean accuracy, each attack's
 accuracy and the per-digit worst case with its standard error. Times are wall-clock on this machine:
@@ -55,15 +58,43 @@ def parse_candidate(text: str) -> tuple[str, int, int]:
     return arch, width, epochs
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table, with a line saying what was measured on what."""
+    meta = ("arch", "width", "epochs", "lr", "shift", "ema", "train_s", "attack_s", "n", "train_n", "source", "se")
+    cols = [k for k in rows[0] if k not in meta]
+    lines = ["| network | epochs | lr | shift | EMA | training | five attacks | " + " | ".join(cols) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[c]:.1%}" + (f" ± {r['se']:.1%}" if c == "worst case" else "") for c in cols]
+        lines.append(f"| `{r['arch']}` width {r['width']} | {r['epochs']} | {r['lr']:g} | {r['shift']} | "
+                     f"{r['ema'] or 'off'} | {r['train_s'] / 60:.1f} min | {r['attack_s'] / 60:.1f} min | "
+                     + " | ".join(cells) + " |")
+    sizes = sorted({(r["train_n"], r["n"], r["source"]) for r in rows})
+    lines.append("\nPGD-AT at ε = " + f"{zoo.DEFENCE_EPS} (L∞): " + "; ".join(
+        f"trained on {t:,} digits, attacked on {n:,} validation digits carved from the training digits ({src})"
+        for t, n, src in sizes) + ". Times are wall-clock, one PyTorch thread.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("candidates", nargs="+", type=parse_candidate, metavar="ARCH:WIDTH:EPOCHS")
+    parser.add_argument("candidates", nargs="*", type=parse_candidate, metavar="ARCH:WIDTH:EPOCHS",
+                        help="none: only write --markdown from the rows already in --json")
     parser.add_argument("--val", type=int, default=1000, help="validation digits carved from the training digits")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--shift", type=int, default=0, help="random shifts of up to this many pixels in training")
+    parser.add_argument("--ema", type=float, default=0.0, help="decay of a moving average of the weights (0: off)")
     parser.add_argument("--profile", default="full")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="keep the rows here; rows of earlier runs with other candidates or options stay")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
+    if not args.candidates:
+        if args.json is None or not args.json.exists() or args.markdown is None:
+            parser.error("without candidates, give --json (an existing file of rows) and --markdown")
+        rows = json.loads(args.json.read_text())
+        args.markdown.write_text(markdown(rows))
+        return rows
     register()
     profile = get_profile(args.profile)
     data = load_mnist(profile)
@@ -73,8 +104,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for arch, width, epochs in args.candidates:
         hidden = {"cnn": 200, "small_cnn": 100 if width <= 16 else 200}.get(arch)
         kwargs = (("width", width),) + ((("hidden", hidden),) if hidden is not None else ())
-        name = f"val_pgd_at_{arch}{width}_e{epochs}_lr{args.lr:g}".replace(".", "p").replace("-", "m")
-        spec = zoo.candidate_spec(name, "pgd_at", profile, epochs=epochs, arch=arch, arch_kwargs=kwargs, lr=args.lr)
+        name = (f"val_pgd_at_{arch}{width}_e{epochs}_lr{args.lr:g}_shift{args.shift}_ema{args.ema:g}"
+                .replace(".", "p").replace("-", "m"))
+        spec = zoo.candidate_spec(name, "pgd_at", profile, epochs=epochs, arch=arch, arch_kwargs=kwargs, lr=args.lr,
+                                  shift=args.shift, ema=args.ema)
         start = time.perf_counter()
         tm = load_or_train(spec, train, progress=False)
         train_s = tm.train_seconds if tm.train_seconds else time.perf_counter() - start
@@ -84,8 +117,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         attack_s = time.perf_counter() - start
         acc = table.acc[name]
         worst = acc["worst case"]
-        row = {"arch": arch, "width": width, "epochs": epochs, "lr": args.lr, "train_s": round(train_s, 1),
-               "attack_s": round(attack_s, 1), "n": len(y_val), **{k: round(v, 4) for k, v in acc.items()},
+        row = {"arch": arch, "width": width, "epochs": epochs, "lr": args.lr, "shift": args.shift, "ema": args.ema,
+               "train_s": round(train_s, 1),
+               "attack_s": round(attack_s, 1), "n": len(y_val), "train_n": len(train.y_train),
+               "source": data.source, **{k: round(v, 4) for k, v in acc.items()},
                "se": round(math.sqrt(worst * (1 - worst) / len(y_val)), 4)}
         rows.append(row)
         print(f"{arch}:{width}:{epochs}  train {train_s / 60:5.1f} min  attacks {attack_s / 60:4.1f} min  "
@@ -93,18 +128,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                        if k not in ("clean", "worst case"))
               + f"  worst {worst:.1%} ± {row['se']:.1%}", flush=True)
     if args.json is not None:
+        # rows measured by earlier runs (other options) stay; a candidate measured again replaces its row
+        earlier = json.loads(args.json.read_text()) if args.json.exists() else []
+        ident = ("arch", "width", "epochs", "lr", "shift", "ema", "n")
+        mine = {tuple(r[k] for k in ident) for r in rows}
+        rows = [r for r in earlier if tuple(r.get(k) for k in ident) not in mine] + rows
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     if args.markdown is not None:
-        cols = [k for k in rows[0] if k not in ("arch", "width", "epochs", "lr", "train_s", "attack_s", "n", "se")]
-        lines = ["| network | epochs | training | five attacks | " + " | ".join(cols) + " |",
-                 "|---|---:|---:|---:|" + "---:|" * len(cols)]
-        for r in rows:
-            cells = [f"{r[c]:.1%}" + (f" ± {r['se']:.1%}" if c == "worst case" else "") for c in cols]
-            lines.append(f"| `{r['arch']}` width {r['width']} | {r['epochs']} | {r['train_s'] / 60:.1f} min | "
-                         f"{r['attack_s'] / 60:.1f} min | " + " | ".join(cells) + " |")
-        lines.append(f"\nPGD-AT at ε = {zoo.DEFENCE_EPS}, trained on {len(train.y_train):,} digits, attacked on "
-                     f"{len(y_val):,} validation digits carved from the training digits ({data.source}).")
-        args.markdown.write_text("\n".join(lines) + "\n")
+        args.markdown.write_text(markdown(rows))
     return rows
 
 

@@ -63,3 +63,24 @@ def test_choose_network_reads_candidates_and_refuses_malformed_ones():
     for bad in ("small_cnn:16", "cnn:0:20", "cnn:32:-1", "cnn:x:20"):
         with pytest.raises((argparse.ArgumentTypeError, ValueError)):
             bench.parse_candidate(bad)
+
+
+def test_choose_network_tables_the_rows_of_several_runs(tmp_path):
+    bench = load("choose_network")
+    row = {"arch": "small_cnn", "width": 16, "epochs": 100, "lr": 1e-3, "shift": 0, "ema": 0.0, "train_s": 283.0,
+           "attack_s": 107.0, "n": 1000, "train_n": 3000, "source": "mnist5k", "clean": 0.973, "FGSM": 0.856,
+           "worst case": 0.752, "se": 0.0137}
+    rows = [row, dict(row, shift=2, **{"worst case": 0.771})]
+    text = bench.markdown(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("| network | epochs | lr | shift | EMA | training | five attacks | clean | FGSM | worst case")
+    assert len([line for line in lines if line.startswith("| `small_cnn` width 16 | 100 |")]) == 2
+    assert "75.2% ± 1.4%" in text and "77.1% ± 1.4%" in text and "4.7 min" in text
+    assert "trained on 3,000 digits, attacked on 1,000 validation digits" in text
+    stored = tmp_path / "rows.json"
+    stored.write_text(json.dumps(rows))
+    out = tmp_path / "rows.md"
+    assert bench.main(["--json", str(stored), "--markdown", str(out)]) == rows
+    assert out.read_text() == text
+    with pytest.raises(SystemExit):
+        bench.main(["--json", str(tmp_path / "missing.json"), "--markdown", str(out)])
