@@ -3,9 +3,11 @@
 Run by hand (not a test)::
 
     python benchmarks/choose_network.py cnn:32:20 small_cnn:16:100 small_cnn:32:100 [--val 1000]
-                                        [--lr 1e-3] [--shift 0] [--ema 0] [--json PATH] [--markdown PATH]
+                                        [--objective pgd_at|trades] [--beta 6] [--lr 1e-3] [--shift 0]
+                                        [--ema 0] [--json PATH] [--markdown PATH]
 
-Each candidate ``arch:width:epochs`` is trained with the book's PGD-AT recipe
+Each candidate ``arch:width:epochs`` is trained with the book's PGD-AT recipe (or, with
+``--objective trades``, TRADES with ``--beta`` on the same inner attack)
 (:func:`utils.zoo.candidate_spec`: ε = 0.3, 10 PGD steps inside training in the full profile, ε ramped
 up over the first quarter, Adam with a cosine schedule, batch 128, seed 0) on the offline training
 digits *minus* ``--val`` validation digits (:func:`utils.data.validation_split`, stratified, seed 0),
@@ -60,17 +62,18 @@ def parse_candidate(text: str) -> tuple[str, int, int]:
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table, with a line saying what was measured on what."""
-    meta = ("arch", "width", "epochs", "lr", "shift", "ema", "train_s", "attack_s", "n", "train_n", "source", "se")
+    meta = ("objective", "arch", "width", "epochs", "lr", "shift", "ema", "train_s", "attack_s", "n", "train_n",
+            "source", "se")
     cols = [k for k in rows[0] if k not in meta]
-    lines = ["| network | epochs | lr | shift | EMA | training | five attacks | " + " | ".join(cols) + " |",
-             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
+    lines = ["| objective | network | epochs | lr | shift | EMA | training | five attacks | " + " | ".join(cols) + " |",
+             "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:
         cells = [f"{r[c]:.1%}" + (f" ± {r['se']:.1%}" if c == "worst case" else "") for c in cols]
-        lines.append(f"| `{r['arch']}` width {r['width']} | {r['epochs']} | {r['lr']:g} | {r['shift']} | "
-                     f"{r['ema'] or 'off'} | {r['train_s'] / 60:.1f} min | {r['attack_s'] / 60:.1f} min | "
+        lines.append(f"| {r.get('objective', 'pgd_at')} | `{r['arch']}` width {r['width']} | {r['epochs']} | "
+                     f"{r['lr']:g} | {r['shift']} | {r['ema'] or 'off'} | {r['train_s'] / 60:.1f} min | {r['attack_s'] / 60:.1f} min | "
                      + " | ".join(cells) + " |")
     sizes = sorted({(r["train_n"], r["n"], r["source"]) for r in rows})
-    lines.append("\nPGD-AT at ε = " + f"{zoo.DEFENCE_EPS} (L∞): " + "; ".join(
+    lines.append("\nAdversarial training at ε = " + f"{zoo.DEFENCE_EPS} (L∞): " + "; ".join(
         f"trained on {t:,} digits, attacked on {n:,} validation digits carved from the training digits ({src})"
         for t, n, src in sizes) + ". Times are wall-clock, one PyTorch thread.")
     return "\n".join(lines) + "\n"
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("candidates", nargs="*", type=parse_candidate, metavar="ARCH:WIDTH:EPOCHS",
                         help="none: only write --markdown from the rows already in --json")
     parser.add_argument("--val", type=int, default=1000, help="validation digits carved from the training digits")
+    parser.add_argument("--objective", choices=zoo.CANDIDATE_OBJECTIVES, default="pgd_at")
+    parser.add_argument("--beta", type=float, default=6.0, help="TRADES' weight of its robustness term")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--shift", type=int, default=0, help="random shifts of up to this many pixels in training")
     parser.add_argument("--ema", type=float, default=0.0, help="decay of a moving average of the weights (0: off)")
@@ -104,10 +109,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for arch, width, epochs in args.candidates:
         hidden = {"cnn": 200, "small_cnn": 100 if width <= 16 else 200}.get(arch)
         kwargs = (("width", width),) + ((("hidden", hidden),) if hidden is not None else ())
-        name = (f"val_pgd_at_{arch}{width}_e{epochs}_lr{args.lr:g}_shift{args.shift}_ema{args.ema:g}"
+        tag = args.objective + (f"{args.beta:g}" if args.objective == "trades" else "")
+        name = (f"val_{tag}_{arch}{width}_e{epochs}_lr{args.lr:g}_shift{args.shift}_ema{args.ema:g}"
                 .replace(".", "p").replace("-", "m"))
-        spec = zoo.candidate_spec(name, "pgd_at", profile, epochs=epochs, arch=arch, arch_kwargs=kwargs, lr=args.lr,
-                                  shift=args.shift, ema=args.ema)
+        spec = zoo.candidate_spec(name, args.objective, profile, beta=args.beta, epochs=epochs, arch=arch,
+                                  arch_kwargs=kwargs, lr=args.lr, shift=args.shift, ema=args.ema)
         start = time.perf_counter()
         tm = load_or_train(spec, train, progress=False)
         train_s = tm.train_seconds if tm.train_seconds else time.perf_counter() - start
@@ -117,8 +123,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         attack_s = time.perf_counter() - start
         acc = table.acc[name]
         worst = acc["worst case"]
-        row = {"arch": arch, "width": width, "epochs": epochs, "lr": args.lr, "shift": args.shift, "ema": args.ema,
-               "train_s": round(train_s, 1),
+        objective = args.objective + (f" β={args.beta:g}" if args.objective == "trades" else "")
+        row = {"objective": objective, "arch": arch, "width": width, "epochs": epochs, "lr": args.lr,
+               "shift": args.shift, "ema": args.ema, "train_s": round(train_s, 1),
                "attack_s": round(attack_s, 1), "n": len(y_val), "train_n": len(train.y_train),
                "source": data.source, **{k: round(v, 4) for k, v in acc.items()},
                "se": round(math.sqrt(worst * (1 - worst) / len(y_val)), 4)}
@@ -130,9 +137,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json is not None:
         # rows measured by earlier runs (other options) stay; a candidate measured again replaces its row
         earlier = json.loads(args.json.read_text()) if args.json.exists() else []
-        ident = ("arch", "width", "epochs", "lr", "shift", "ema", "n")
-        mine = {tuple(r[k] for k in ident) for r in rows}
-        rows = [r for r in earlier if tuple(r.get(k) for k in ident) not in mine] + rows
+        ident = ("objective", "arch", "width", "epochs", "lr", "shift", "ema", "n")
+        def identity(r: dict) -> tuple:
+            return tuple(r.get(k, "pgd_at" if k == "objective" else None) for k in ident)
+        mine = {identity(r) for r in rows}
+        rows = [r for r in earlier if identity(r) not in mine] + rows
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     if args.markdown is not None:
         args.markdown.write_text(markdown(rows))

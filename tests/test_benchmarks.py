@@ -73,10 +73,12 @@ def test_choose_network_tables_the_rows_of_several_runs(tmp_path):
     rows = [row, dict(row, shift=2, **{"worst case": 0.771})]
     text = bench.markdown(rows)
     lines = text.splitlines()
-    assert lines[0].startswith("| network | epochs | lr | shift | EMA | training | five attacks | clean | FGSM | worst case")
-    assert len([line for line in lines if line.startswith("| `small_cnn` width 16 | 100 |")]) == 2
+    assert lines[0].startswith("| objective | network | epochs | lr | shift | EMA | training | five attacks | clean | "
+                               "FGSM | worst case")
+    assert len([line for line in lines if line.startswith("| pgd_at | `small_cnn` width 16 | 100 |")]) == 2
     assert "75.2% ± 1.4%" in text and "77.1% ± 1.4%" in text and "4.7 min" in text
     assert "trained on 3,000 digits, attacked on 1,000 validation digits" in text
+    assert "| trades β=6 |" in bench.markdown([dict(row, objective="trades β=6")])
     stored = tmp_path / "rows.json"
     stored.write_text(json.dumps(rows))
     out = tmp_path / "rows.md"
