@@ -6,7 +6,8 @@ Run by hand (not a test)::
                                       [--clock wall|cpu] [--json PATH]
 
 For ``"cnn"`` (:class:`utils.models.MnistCNN`, four 3x3 convolutions and two max-pools, the book's
-network) and ``"small_cnn"`` (:class:`SmallCNN` below, two 4x4 convolutions of stride 2), both untrained
+network until it measured this) and ``"small_cnn"`` (:class:`utils.models.SmallCNN`, two 4x4 convolutions
+of stride 2, the book's network now), both untrained
 (the cost of a pass does not depend on the weights), it measures on one batch of random pixels:
 
 * ``input gradient``: a forward and a backward pass with respect to the input, the step of every
@@ -35,47 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from torch import nn  # noqa: E402
-
-from utils import models  # noqa: E402
-from utils.models import MnistCNN, Normalize, build_model, count_parameters  # noqa: E402
+from utils.models import MnistCNN, SmallCNN, build_model, count_parameters  # noqa: E402
 
 ARCHS = ("cnn", "small_cnn")
-
-
-class SmallCNN(nn.Module):
-    """Two 4x4 convolutions of stride 2 (``width`` and ``2·width`` channels, no pooling), then a hidden
-    layer of ``hidden`` units and 10 logits, with the book's normalisation inside.
-
-    With the defaults (16, 100) this is the MNIST network of Wong et al. (2020, "Fast is better than
-    free") and of Kolter & Madry's tutorial, 166,406 parameters. Its convolutions work at 14x14 and 7x7
-    where :class:`utils.models.MnistCNN`'s work at 28x28 and 14x14. It is defined here, not in
-    :mod:`utils.models`, because it is a candidate the book measured and did not adopt (the
-    benchmarks' README gives the numbers); a change to :mod:`utils.models` would retrain every model.
-    """
-
-    def __init__(self, width: int = 16, hidden: int = 100, num_classes: int = 10):
-        super().__init__()
-        w = int(width)
-        self.normalize = Normalize()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, w, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), nn.ReLU(),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(2 * w * 7 * 7, hidden), nn.ReLU(),
-            nn.Linear(hidden, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.normalize(x)))
-
-
-def register() -> None:
-    """Make ``build_model("small_cnn")`` (and a :class:`utils.cache.ModelSpec` with that arch) build
-    :class:`SmallCNN`, for this process only."""
-    models.ARCHITECTURES["small_cnn"] = SmallCNN
 
 
 def timer(clock: str, device: torch.device) -> Callable[[Callable[[], None], int], float]:
@@ -132,7 +95,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     x = torch.rand(args.batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    register()
     nets = {a: build_model(a).to(device) for a in ARCHS}
     assert isinstance(nets["cnn"], MnistCNN) and isinstance(nets["small_cnn"], SmallCNN)
     work = {a: passes(nets[a], x, y) for a in ARCHS}

@@ -23,8 +23,7 @@ Printed per candidate: the training time, the time of the five attacks, clean ac
 accuracy and the per-digit worst case with its standard error. Times are wall-clock on this machine:
 compare candidates measured in one run, on a machine doing nothing else. Models are cached like the
 book's (``ADVBOOK_CACHE``), so a second run only attacks. ``small_cnn`` is
-:class:`architecture.SmallCNN` (this folder); its code is not in the cache key, so delete its cached
-candidates after changing it.
+:class:`utils.models.SmallCNN`, the network the book chose with this script.
 """
 
 from __future__ import annotations
@@ -40,9 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from architecture import register  # noqa: E402  (benchmarks/architecture.py: the small_cnn candidate)
 from utils import zoo  # noqa: E402
 from utils.cache import load_or_train  # noqa: E402
 from utils.config import get_profile  # noqa: E402
@@ -100,7 +97,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = json.loads(args.json.read_text())
         args.markdown.write_text(markdown(rows))
         return rows
-    register()
     profile = get_profile(args.profile)
     data = load_mnist(profile)
     train, x_val, y_val = validation_split(data, args.val)

@@ -18,13 +18,6 @@ def load(name):
     return module
 
 
-@pytest.fixture(autouse=True)
-def own_registry(monkeypatch):
-    # the benchmarks register their candidate network; keep that out of the other tests
-    from utils import models
-    monkeypatch.setattr(models, "ARCHITECTURES", dict(models.ARCHITECTURES))
-
-
 def test_architecture_benchmark_measures_both_networks_on_every_pass(tmp_path, capsys):
     bench = load("architecture")
     out = tmp_path / "arch.json"
@@ -44,8 +37,9 @@ def test_small_cnn_is_wong_et_al_s_mnist_network():
     import torch
     from utils.models import build_model, count_parameters
 
-    bench = load("architecture")
-    m = bench.SmallCNN()
+    from utils.models import SmallCNN
+
+    m = SmallCNN()
     assert m(torch.rand(3, 1, 28, 28)).shape == (3, 10)
     assert "normalize.mean" in m.state_dict()
     # Conv(1→16, 4x4, stride 2) + Conv(16→32, 4x4, stride 2) + Linear(32·7·7 → 100) + Linear(100 → 10)
@@ -53,8 +47,7 @@ def test_small_cnn_is_wong_et_al_s_mnist_network():
     assert [c.stride for c in m.modules() if isinstance(c, torch.nn.Conv2d)] == [(2, 2), (2, 2)]
     assert not any(isinstance(c, torch.nn.MaxPool2d) for c in m.modules())
     assert m.features(m.normalize(torch.rand(1, 1, 28, 28))).shape == (1, 32, 7, 7)
-    bench.register()
-    assert isinstance(build_model("small_cnn", width=8, hidden=10), bench.SmallCNN)
+    assert isinstance(build_model("small_cnn", width=8, hidden=10), SmallCNN)
 
 
 def test_choose_network_reads_candidates_and_refuses_malformed_ones():

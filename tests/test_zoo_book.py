@@ -32,6 +32,8 @@ def test_every_book_model_has_a_recipe_and_the_defences_share_one_budget(profile
         assert s.objective.eps == zoo.DEFENCE_EPS
     assert {s.objective.steps for n, s in specs.items() if n in ("pgd_at", "alp", "enaet")} == {p.train_pgd_steps}
     assert specs["standard"] == zoo.standard_spec(p)
+    assert {(s.arch, s.shift) for s in specs.values()} == {(zoo.ARCH, zoo.SHIFT)}, "one network, one augmentation"
+    assert zoo.ARCH == "small_cnn" and zoo.SHIFT > 0
     assert specs["fast_at"].early_stop.action == "stop"
     assert specs["fast_at_overfit"].early_stop.action == "record"
 

@@ -61,12 +61,12 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "fast": Profile(name="fast", train_size=1000, test_size=500, epochs=2, batch_size=64,
+    "fast": Profile(name="fast", train_size=1000, test_size=500, epochs=6, batch_size=64,
                     attack_size=100, explorer_examples=8, pgd_steps=10, restarts=2,
-                    cw_steps=30, cw_search_steps=4, defence_epochs=2, train_pgd_steps=3, apgd_steps=20),
-    "full": Profile(name="full", train_size=None, test_size=None, epochs=6, batch_size=128,
+                    cw_steps=30, cw_search_steps=4, defence_epochs=6, train_pgd_steps=3, apgd_steps=20),
+    "full": Profile(name="full", train_size=None, test_size=None, epochs=40, batch_size=128,
                     attack_size=1000, explorer_examples=32, pgd_steps=40, restarts=5,
-                    cw_steps=100, cw_search_steps=9, defence_epochs=20, train_pgd_steps=10,
+                    cw_steps=100, cw_search_steps=9, defence_epochs=150, train_pgd_steps=10,
                     apgd_steps=100),
 }
 

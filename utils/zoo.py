@@ -17,12 +17,22 @@ from .trades import TRADES
 from .train import Objective
 
 
+#: The network of every model of the book: Wong et al.'s two stride-2 convolutions
+#: (:class:`utils.models.SmallCNN`). ``benchmarks/choose_network.py`` measured it against the four-convolution
+#: CNN (:class:`utils.models.MnistCNN`) on validation digits: at least as robust, and far cheaper to attack.
+ARCH = "small_cnn"
+
+#: Every model trains on digits shifted at random by up to this many pixels (:func:`utils.augment.random_shift`).
+SHIFT = 2
+
+
 def standard_spec(profile: config.Profile | str | None = None) -> ModelSpec:
-    """The chapter-2 model every later chapter attacks: the CNN trained with cross-entropy."""
+    """The chapter-2 model every later chapter attacks: :data:`ARCH` trained with cross-entropy on
+    digits shifted at random by up to :data:`SHIFT` pixels (Adam, lr 3e-3, cosine schedule)."""
     if not isinstance(profile, config.Profile):
         profile = config.get_profile(profile)
-    return ModelSpec(name="standard", arch="cnn", objective=CrossEntropy(),
-                     epochs=profile.epochs, batch_size=profile.batch_size, lr=1e-3, seed=0)
+    return ModelSpec(name="standard", arch=ARCH, objective=CrossEntropy(), epochs=profile.epochs,
+                     batch_size=profile.batch_size, lr=3e-3, seed=0, shift=SHIFT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,7 +64,8 @@ def book_spec(name: str, profile: config.Profile | str | None = None, *,
               teacher: TrainedModel | None = None) -> ModelSpec:
     """The recipe of the book's model ``name`` (see :data:`BOOK_MODELS`) in ``profile``.
 
-    Every adversarially trained model uses the same budget, so that chapter 8 can compare them
+    Every model is :data:`ARCH` trained on digits shifted by up to :data:`SHIFT` pixels. Every
+    adversarially trained model uses the same budget, so that chapter 8 can compare them
     fairly: ``profile.defence_epochs`` epochs of Adam (cosine schedule, lr 1e-3, batch
     ``profile.batch_size``), with the attack inside training at ε = :data:`DEFENCE_EPS`, ramped up
     linearly over the first quarter of training, and ``profile.train_pgd_steps`` PGD steps of
@@ -81,8 +92,8 @@ def book_spec(name: str, profile: config.Profile | str | None = None, *,
             objective = Distillation(teacher.model, teacher.key, DISTILLATION_TEMPERATURE)
         # At T = 100 the logits must grow about 100 times larger than usual before the softmax
         # at temperature T is confident: a larger learning rate and twice the standard epochs.
-        return ModelSpec(name=name, arch="cnn", objective=objective, epochs=2 * profile.epochs,
-                         batch_size=profile.batch_size, lr=3e-3, seed=0)
+        return ModelSpec(name=name, arch=ARCH, objective=objective, epochs=2 * profile.epochs,
+                         batch_size=profile.batch_size, lr=3e-3, seed=0, shift=SHIFT)
     if teacher is not None:
         raise ValueError(f"only the distilled model takes a teacher, not {name!r}")
     eps, steps, warmup = DEFENCE_EPS, profile.train_pgd_steps, 0.25
@@ -104,8 +115,8 @@ def book_spec(name: str, profile: config.Profile | str | None = None, *,
         "fast_at": EarlyStop(eps=eps, steps=10, drop=0.2, action="stop"),
         "fast_at_overfit": EarlyStop(eps=eps, steps=10, drop=0.2, action="record"),
     }.get(name)
-    return ModelSpec(name=name, arch="cnn", objective=objectives[name], epochs=profile.defence_epochs,
-                     batch_size=profile.batch_size, lr=1e-3, seed=0, early_stop=early_stop)
+    return ModelSpec(name=name, arch=ARCH, objective=objectives[name], epochs=profile.defence_epochs,
+                     batch_size=profile.batch_size, lr=1e-3, seed=0, shift=SHIFT, early_stop=early_stop)
 
 
 #: The objectives :func:`candidate_spec` builds by name.
@@ -114,17 +125,17 @@ CANDIDATE_OBJECTIVES = ("pgd_at", "trades")
 
 def candidate_spec(name: str, objective: Objective | str = "pgd_at", profile: config.Profile | str | None = None, *,
                    epochs: int | None = None, steps: int | None = None, warmup: float = 0.25, beta: float = 6.0,
-                   shift: int = 0, ema: float = 0.0, checkpoint: BestCheckpoint | None = None,
-                   seed: int = 0, arch: str = "cnn", arch_kwargs: tuple = (), lr: float = 1e-3) -> ModelSpec:
-    """A recipe to measure against the book's models: the CNN on the book's defence budget unless
+                   shift: int = SHIFT, ema: float = 0.0, checkpoint: BestCheckpoint | None = None,
+                   seed: int = 0, arch: str = ARCH, arch_kwargs: tuple = (), lr: float = 1e-3) -> ModelSpec:
+    """A recipe to measure against the book's models: :data:`ARCH` on the book's defence budget unless
     told otherwise, with the training options of :func:`utils.train.fit` as knobs.
 
     ``objective``: ``"pgd_at"`` (:class:`utils.defences.PGDAdversarial`) or ``"trades"``
     (:class:`utils.trades.TRADES` with ``beta``), both at ε = :data:`DEFENCE_EPS` with ``steps`` PGD
     steps of 2.5·ε/steps (default ``profile.train_pgd_steps``) and ε ramped up over ``warmup`` of
     training, as the book's defences are; or any objective, used as it is. ``epochs`` defaults to
-    ``profile.defence_epochs``; ``shift``, ``ema`` and ``checkpoint`` are :class:`ModelSpec`'s (off
-    by default). ``arch`` and ``arch_kwargs`` choose the network (:func:`utils.models.build_model`),
+    ``profile.defence_epochs``; ``shift`` (default :data:`SHIFT`, as the book's models), ``ema`` and
+    ``checkpoint`` (off by default) are :class:`ModelSpec`'s. ``arch`` and ``arch_kwargs`` choose the network (:func:`utils.models.build_model`),
     ``lr`` Adam's learning rate. The name must not be one of the book's models (:data:`BOOK_MODELS`), whose recipes
     are :func:`book_spec`'s alone.
     """
