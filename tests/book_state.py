@@ -20,6 +20,4 @@ FIGURES_PREDATE_STYLE: frozenset[str] = frozenset()
 
 #: Chapters executed before the script recorded each run's wall time and machine
 #: (``advbook.seconds``) and stated it in the header.
-RUNTIME_NOT_RECORDED: frozenset[str] = frozenset({
-    "notebooks/08_enaet",
-})
+RUNTIME_NOT_RECORDED: frozenset[str] = frozenset()
