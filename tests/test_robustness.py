@@ -69,11 +69,11 @@ def test_worst_case_over_attacks_is_below_each(model_and_data):
         "PGD": (functools.partial(pgd, eps=0.1, steps=5), 2),
     }, eps=0.1)
     row = table.acc["mlp"]
-    assert table.columns == ["clean", "FGSM", "PGD", "worst case"]
+    assert table.columns == ["clean", "worst case", "FGSM", "PGD"], "the headline comes right after clean"
     assert row["worst case"] <= min(row["FGSM"], row["PGD"]) <= row["clean"]
     assert row["clean"] == pytest.approx(evaluate(m, x, y).acc)
     md = table.markdown()
-    assert md.splitlines()[0] == "| model | clean | FGSM | PGD | worst case |"
+    assert md.splitlines()[0] == "| model | clean | worst case | FGSM | PGD |"
     assert f"{100 * row['PGD']:.1f}%" in md
     assert "200 held-out digits" in table._repr_markdown_()
     html = table.html(extra={"note": {"mlxtend": "<x>"}}, caption="a & b")
@@ -247,16 +247,18 @@ def test_minimal_norms_and_the_accuracy_they_imply(model_and_data):
 
 def test_the_book_attacks_follow_the_profile_and_are_all_memoised(model_and_data, tmp_path, monkeypatch):
     from utils import config
-    from utils.attacks import apgd, apgd_targeted
+    from utils.attacks import apgd, apgd_targeted, square
     m, x, y = model_and_data
     profile = config.get_profile("fast")
     attacks = robustness.book_attacks(0.1, profile)
-    s, r, a = profile.pgd_steps, profile.restarts, profile.apgd_steps
-    assert list(attacks) == ["FGSM", f"PGD-{s} ×{r} (CE)", f"PGD-{s} ×{r} (margin)", f"APGD-CE {a}", f"APGD-T {a}"]
+    s, r, a, q = profile.pgd_steps, profile.restarts, profile.apgd_steps, profile.square_queries
+    assert list(attacks) == ["FGSM", f"PGD-{s} ×{r} (CE)", f"PGD-{s} ×{r} (margin)", f"APGD-CE {a}", f"APGD-T {a}",
+                             f"Square {q:,}"]
     funcs = [(att.func, att.keywords, restarts) for att, restarts in attacks.values()]
     assert funcs == [(fgsm, {"eps": 0.1}, 1), (pgd, {"eps": 0.1, "steps": s}, r),
                      (pgd, {"eps": 0.1, "steps": s, "loss": "margin"}, r), (apgd, {"eps": 0.1, "steps": a}, 1),
-                     (apgd_targeted, {"eps": 0.1, "steps": a}, 1)]
+                     (apgd_targeted, {"eps": 0.1, "steps": a}, 1), (square, {"eps": 0.1, "queries": q}, 1)]
+    assert config.get_profile("full").square_queries == 5000, "AutoAttack's budget in the full profile"
     assert all(describe_attack(att) is not None for att, _ in attacks.values()), "every column can be read back"
     monkeypatch.setenv("ADVBOOK_CACHE", str(tmp_path))
     torch.manual_seed(0)

@@ -38,7 +38,8 @@ class Profile:
     the training budget of every adversarially trained model (chapters 6-9) and
     ``train_pgd_steps`` the number of PGD steps of the attack inside their training loop.
     ``apgd_steps`` is the budget of each APGD run of the book's own evaluation (100 in the full
-    profile, Croce & Hein's reference).
+    profile, Croce & Hein's reference); ``square_queries`` the query budget of its Square attack
+    (5,000 in the full profile, as in AutoAttack).
     """
 
     name: str
@@ -55,6 +56,7 @@ class Profile:
     defence_epochs: int = 2
     train_pgd_steps: int = 3
     apgd_steps: int = 100
+    square_queries: int = 5000
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,11 +65,12 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "fast": Profile(name="fast", train_size=1000, test_size=500, epochs=6, batch_size=64,
                     attack_size=100, explorer_examples=8, pgd_steps=10, restarts=2,
-                    cw_steps=30, cw_search_steps=4, defence_epochs=6, train_pgd_steps=3, apgd_steps=20),
+                    cw_steps=30, cw_search_steps=4, defence_epochs=6, train_pgd_steps=3, apgd_steps=20,
+                    square_queries=300),
     "full": Profile(name="full", train_size=None, test_size=None, epochs=40, batch_size=128,
                     attack_size=1000, explorer_examples=32, pgd_steps=40, restarts=5,
                     cw_steps=100, cw_search_steps=9, defence_epochs=150, train_pgd_steps=10,
-                    apgd_steps=100),
+                    apgd_steps=100, square_queries=5000),
 }
 
 

@@ -37,7 +37,7 @@ from . import config
 from .cache import code_fingerprint
 from .checks import (NORMS, atomic_write, check_images, check_in_ball, check_labels, choice, integer,
                      perturbation_size, real)
-from .attacks import apgd, apgd_targeted, fgsm, pgd
+from .attacks import apgd, apgd_targeted, fgsm, pgd, square
 from .evaluate import predict
 from .models import eval_mode, model_device
 
@@ -258,7 +258,8 @@ class RobustnessTable:
 
     ``acc[model][attack]`` is a fraction; the column ``"clean"`` is the accuracy without attack
     and ``"worst case"`` (when more than one attack ran) the fraction of examples that survive
-    every attack. ``correct[model][column]`` (when the table was measured, not assembled by hand)
+    every attack; it comes right after ``"clean"``, before the attacks' own columns, so that a
+    wide table shows its headline first. ``correct[model][column]`` (when the table was measured, not assembled by hand)
     holds the ``[N]`` booleans behind each fraction, per example. ``seconds[model]`` is the time spent attacking that model. Displays itself as
     a Markdown table in a notebook; :meth:`markdown` gives the text.
     """
@@ -274,10 +275,9 @@ class RobustnessTable:
 
     @property
     def columns(self) -> list[str]:
-        cols = ["clean", *self.attacks]
         if len(self.attacks) > 1:
-            cols.append("worst case")
-        return cols
+            return ["clean", "worst case", *self.attacks]
+        return ["clean", *self.attacks]
 
     def markdown(self, extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
         """A Markdown table in percent; ``extra[column][model]`` adds text columns at the right."""
@@ -377,18 +377,21 @@ def book_attacks(eps: float, profile: config.Profile | str | None = None) -> dic
     for :func:`robustness_table`, whose ``"worst case"`` over them is the number every chapter from
     6 on reports: FGSM; PGD with the profile's steps and restarts on the cross-entropy and on the
     margin; APGD on the cross-entropy and APGD-T (targeted DLR, nine target classes), each with
-    ``profile.apgd_steps`` iterations (Croce & Hein 2020). Every attack is a ``functools.partial``
-    of a function of :mod:`utils.attacks`, so its per-example results are memoised across chapters
-    when the table is given the models' ``keys``.
+    ``profile.apgd_steps`` iterations (Croce & Hein 2020); and the Square attack with
+    ``profile.square_queries`` queries (Andriushchenko et al. 2020), which uses no gradient, so that
+    a model whose gradients mislead the other five is still searched. Every attack is a
+    ``functools.partial`` of a function of :mod:`utils.attacks`, so its per-example results are
+    memoised across chapters when the table is given the models' ``keys``.
     """
     eps = real("eps", eps)
     if not isinstance(profile, config.Profile):
         profile = config.get_profile(profile)
-    s, r, a = profile.pgd_steps, profile.restarts, profile.apgd_steps
+    s, r, a, q = profile.pgd_steps, profile.restarts, profile.apgd_steps, profile.square_queries
     return {
         "FGSM": (functools.partial(fgsm, eps=eps), 1),
         f"PGD-{s} ×{r} (CE)": (functools.partial(pgd, eps=eps, steps=s), r),
         f"PGD-{s} ×{r} (margin)": (functools.partial(pgd, eps=eps, steps=s, loss="margin"), r),
         f"APGD-CE {a}": (functools.partial(apgd, eps=eps, steps=a), 1),
         f"APGD-T {a}": (functools.partial(apgd_targeted, eps=eps, steps=a), 1),
+        f"Square {q:,}": (functools.partial(square, eps=eps, queries=q), 1),
     }
