@@ -11,9 +11,9 @@ Each candidate ``arch:width:epochs`` is trained with the book's PGD-AT recipe (o
 (:func:`utils.zoo.candidate_spec`: ε = 0.3, 10 PGD steps inside training in the full profile, ε ramped
 up over the first quarter, Adam with a cosine schedule, batch 128, seed 0) on the offline training
 digits *minus* ``--val`` validation digits (:func:`utils.data.validation_split`, stratified, seed 0),
-and then attacked on those validation digits with the book's own evaluation
-(:func:`utils.robustness.book_attacks`: FGSM, PGD-40 with 5 restarts on the cross-entropy and on the
-margin loss, APGD-CE and APGD-T with 100 iterations). The test digits are never touched: the choice of
+and then attacked on those validation digits with the five gradient attacks of the book's own evaluation
+(:func:`utils.robustness.book_attacks` without its Square attack: FGSM, PGD-40 with 5 restarts on the
+cross-entropy and on the margin loss, APGD-CE and APGD-T with 100 iterations). The test digits are never touched: the choice of
 network and budget is made here, and the test digits measure the chosen one once, in the chapters.
 
 With ``--json``, rows of earlier runs stay in the file and ``--markdown`` tables them all, so candidates
@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     profile = get_profile(args.profile)
     data = load_mnist(profile)
     train, x_val, y_val = validation_split(data, args.val)
-    attacks = book_attacks(zoo.DEFENCE_EPS, profile)
+    # The book's gradient attacks: Square (the sixth) costs as much again on a robust candidate, and the
+    # chapters measure the chosen recipe with all six on the test digits.
+    attacks = {k: v for k, v in book_attacks(zoo.DEFENCE_EPS, profile).items() if not k.startswith("Square")}
     rows = []
     for arch, width, epochs in args.candidates:
         hidden = {"cnn": 200, "small_cnn": 100 if width <= 16 else 200}.get(arch)
