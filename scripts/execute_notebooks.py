@@ -142,6 +142,23 @@ def cached_models() -> set[str]:
     return {p.name for p in root.glob("*.pt")} if root.is_dir() else set()
 
 
+def trained_by(nb: nbformat.NotebookNode, new_models: set[str]) -> list[str]:
+    """The names of the models in ``new_models`` (cache files ``<name>-<key>.pt`` that appeared while
+    ``nb`` ran) that the notebook itself trained: those whose name its code or its outputs mention.
+    The cache is shared, so a model written meanwhile by another process (another chapter, a benchmark)
+    is not this notebook's work and must not be credited to its run time. The header line of an earlier
+    run (:data:`RUNTIME_LINE`) does not count as a mention."""
+    text = []
+    for cell in nb.cells:
+        text.append(RUNTIME_LINE.sub("", cell.source))
+        for out in cell.get("outputs", []):
+            text.append(str(out.get("text", "")))
+            text.extend(str(v) for k, v in out.get("data", {}).items() if k.startswith("text/"))
+    blob = "\n".join(text)
+    names = {name.rsplit("-", 1)[0] for name in new_models}
+    return sorted(n for n in names if re.search(rf"(?<![\w]){re.escape(n)}(?![\w])", blob))
+
+
 def machine() -> dict:
     """CPU cores, the PyTorch threads a kernel will use, and the GPU if there is one."""
     import torch
@@ -242,7 +259,7 @@ def execute(path: Path, timeout: int, kernel: str, pin: tuple[str, str, str]) ->
     seconds = time.perf_counter() - start
     box = machine()
     run = {"commit": commit, "profile": profile, "seconds": round(seconds, 1), **box,
-           "trained": sorted({name.rsplit("-", 1)[0] for name in cached_models() - before}),
+           "trained": trained_by(nb, cached_models() - before),
            # the 5-minute load average beyond the kernel's own threads: other work was running
            "shared": os.getloadavg()[1] > box["threads"] + 0.75}
     nb.metadata["advbook"] = run

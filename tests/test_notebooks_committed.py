@@ -232,3 +232,18 @@ def test_runtime_line_is_written_once_and_says_what_was_measured():
     nb.cells[0].source = "No title here."
     with pytest.raises(SystemExit):
         execute_notebooks.stamp_runtime(nb, text)
+
+
+def test_a_model_another_process_writes_meanwhile_is_not_credited_to_the_run():
+    """The model cache is shared: a run is credited only with the new models its notebook names."""
+    nb = nbformat.v4.new_notebook()
+    code = nbformat.v4.new_code_cell('trades = load_book_model("trades", data, profile)')
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout",
+                                           text="TrainedModel('alp', trained now in 900 s)\n")]
+    old_header = execute_notebooks.runtime_text({"profile": "full", "seconds": 60.0, "cpus": 2, "threads": 1,
+                                                 "trained": ["val_trades6_small_cnn16_e300"], "shared": False})
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# 6 · A chapter\n\n{old_header}\n"), code]
+    new = {"trades-0123456789abcdef.pt", "alp-fedcba9876543210.pt", "val_trades6_small_cnn16_e300-0a0a0a0a0a0a0a0a.pt",
+           "trades_long-1111111111111111.pt"}
+    assert execute_notebooks.trained_by(nb, new) == ["alp", "trades"], "named in code or output: credited; others (even when an old header names them) not"
+    assert execute_notebooks.trained_by(nb, set()) == []
